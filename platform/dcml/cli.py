@@ -1,0 +1,253 @@
+"""The `dcml` command: one verb per stage, and `run` for the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from dcml.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="dcml: data, training, tuning and serving of models on Ray.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="Registered model versions and aliases.")
+data_app = typer.Typer(no_args_is_help=True, help="Stored dataset versions.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+ConfigArg = typer.Argument(None, help="Pipeline config (YAML); defaults apply where omitted.")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline config (YAML).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value.")
+
+# Errors a user can fix: print the message, not a traceback (DCML_DEBUG=1 shows it).
+USER_ERRORS = (ConfigError, LookupError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    return load_config(path, overrides or [])
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg)
+
+
+@app.command()
+def run(
+    config: Path | None = ConfigArg,
+    set_: list[str] | None = SetOpt,
+    serve_forever: bool = typer.Option(False, help="Keep serving after the demo requests."),
+):
+    """The whole pipeline: collect, preprocess, train, tune, register, deploy, query over HTTP."""
+    from dcml.pipeline import run_pipeline
+
+    cfg = _config(config, set_)
+    run_pipeline(cfg, _log, keep_serving=serve_forever)
+    if serve_forever:
+        _block(cfg)
+    _shutdown()
+
+
+@app.command()
+def preprocess(config: Path | None = ConfigArg, set_: list[str] | None = SetOpt):
+    """Read raw shards, clean, split, fit transforms, gate and store a dataset version."""
+    from dcml.pipeline import stage_preprocess
+
+    dv = stage_preprocess(_config(config, set_), _log)
+    typer.echo(f"dataset: {dv.ref}")
+    _shutdown()
+
+
+@app.command()
+def train(
+    config: Path | None = ConfigArg,
+    set_: list[str] | None = SetOpt,
+    dataset: str | None = typer.Option(None, help="NAME[@VERSION]; default: latest."),
+    run_id: str | None = typer.Option(None, help="Run id; reuse one to resume it."),
+    register: bool = typer.Option(True, help="Register the best checkpoint."),
+    alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
+):
+    """Train with Ray Train (DDP) on a stored dataset version."""
+    from dcml.pipeline import stage_register, stage_train
+
+    cfg = _config(config, set_)
+    dv, outcome = stage_train(cfg, dataset, run_id, _log)
+    if register:
+        stage_register(
+            cfg, dv, outcome.checkpoint_path, {"run_id": outcome.run_id}, alias or [], _log
+        )
+    _shutdown()
+
+
+@app.command()
+def tune(
+    config: Path | None = ConfigArg,
+    set_: list[str] | None = SetOpt,
+    dataset: str | None = typer.Option(None, help="NAME[@VERSION]; default: latest."),
+    register: bool = typer.Option(True, help="Register the best trial's checkpoint."),
+    alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
+):
+    """Sweep learning rate and depth with Ray Tune and ASHA."""
+    from dcml.pipeline import stage_register, stage_tune
+
+    cfg = _config(config, set_)
+    dv, outcome = stage_tune(cfg, dataset, None, _log)
+    if register:
+        lineage = {"sweep_id": outcome.sweep_id, "params": outcome.params}
+        stage_register(cfg, dv, outcome.checkpoint_path, lineage, alias or [], _log)
+    _shutdown()
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="NAME@ALIAS, NAME@VERSION or NAME."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Serve a model version over HTTP on Ray Serve until interrupted."""
+    from dcml.cluster import connect
+    from dcml.serving import deploy
+
+    cfg = _config(config, set_)
+    connect(cfg.cluster)
+    url = deploy(cfg, model)
+    typer.echo(f"serving {model} at {url}/predict (docs at {url}/docs); Ctrl-C stops")
+    _block(cfg)
+    _shutdown()
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="NAME@ALIAS, NAME@VERSION or NAME."),
+    input: str = typer.Option(..., "--input", "-i", help="Raw data URI (file, folder, glob)."),
+    output: str = typer.Option(..., "--output", "-o", help="Output folder URI (new)."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Batch inference over Ray Data; writes id + predictions as Parquet."""
+    from dcml.batch import predict_batch
+
+    cfg = _config(config, set_)
+    rows = predict_batch(cfg, model, input, output)
+    typer.echo(f"wrote {rows} predictions to {output}")
+    _shutdown()
+
+
+@models_app.command("list")
+def models_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
+    """Registered models, their versions and aliases."""
+    from dcml import registry
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    for name, versions in registry.list_models(storage).items():
+        aliases = registry.aliases(storage, name)
+        shown = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items()))
+        typer.echo(f"{name}: versions {versions}" + (f"; aliases {shown}" if shown else ""))
+
+
+@models_app.command("show")
+def models_show(model: str, config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
+    """One model version's metadata (without the preprocessor state)."""
+    from dcml import registry
+    from dcml.storage import Storage
+
+    mv = registry.resolve_model(Storage.from_config(_config(config, set_)), model)
+    shown = {k: v for k, v in mv.meta.items() if k not in ("preprocessor", "config")}
+    typer.echo(json.dumps(shown, indent=2, sort_keys=True, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    version: int,
+    alias: str = typer.Option("production"),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Point an alias (default: production) at a version."""
+    from dcml import registry
+    from dcml.storage import Storage
+
+    registry.set_alias(Storage.from_config(_config(config, set_)), name, alias, version)
+    typer.echo(f"{name}@{alias} -> {version}")
+
+
+@data_app.command("list")
+def data_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
+    """Committed dataset versions, oldest first."""
+    from dcml.data.preprocess import list_versions
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    for name in storage.ls(storage.path("datasets")):
+        for v in list_versions(storage, name):
+            rows = v.manifest["rows"]
+            typer.echo(
+                f"{v.ref}: train {rows['train']}, validation {rows['validation']}, "
+                f"test {rows['test']}"
+            )
+
+
+@data_app.command("show")
+def data_show(ref: str, config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
+    """A dataset version's manifest."""
+    from dcml.data.preprocess import resolve_dataset
+    from dcml.storage import Storage
+
+    dv = resolve_dataset(Storage.from_config(_config(config, set_)), ref)
+    typer.echo(json.dumps(dv.manifest, indent=2, sort_keys=True, default=str))
+
+
+def _block(cfg: PipelineConfig) -> None:
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+
+
+def _shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - nothing was served
+            pass
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # usage errors
+        e.show()
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        _shutdown()
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("DCML_DEBUG"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        _shutdown()
+        return 2 if isinstance(e, ConfigError) else 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The pipeline config: one YAML file, validated by pydantic, with defaults and dotted overrides.
+
+Every problem in a config is reported at once, each naming the field and, where it helps, what is
+allowed there (litgpt's `validate_args` style).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(
+        None,
+        description="Ray address to join ('auto', 'ray://head:10001'). None: use RAY_ADDRESS "
+        "if set, else start a local Ray inside this process (the embedded default).",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for the embedded local Ray; None uses all cores."
+    )
+    quiet: bool = Field(True, description="Hide Ray's own logs; show only dcml's progress.")
+
+
+class StorageConfig(_Section):
+    root: str = Field(
+        "./dcml-store",
+        description="Where datasets, runs and models live: a local path or any fsspec URI "
+        "(s3://bucket/prefix, gs://..., memory://...).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the storage root (credentials, endpoint_url, ...).",
+    )
+
+
+class DataConfig(_Section):
+    name: str = Field("breast_cancer", description="Dataset name under datasets/ in storage.")
+    source: str = Field(
+        "bundled:breast_cancer",
+        description="Raw data: 'bundled:breast_cancer' (collected into storage as Parquet shards) "
+        "or a URI of Parquet/CSV/JSON Lines files (a file, folder or glob).",
+    )
+    format: Literal["parquet", "csv", "json"] = Field("parquet", description="Raw file format.")
+    raw_shards: int = Field(4, ge=1, description="Shards written when collecting bundled data.")
+    label: str = Field("label", description="Label column.")
+    id_column: str = Field("id", description="Row id column, kept through to predictions.")
+    features: list[str] | None = Field(
+        None, description="Feature columns; None infers every numeric column but label and id."
+    )
+    task: Literal["binary"] = Field("binary", description="Learning task.")
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.7, "validation": 0.15, "test": 0.15},
+        description="Fractions of rows per split, by a seeded hash of the id.",
+    )
+    scaling: Literal["standard", "none"] = Field(
+        "standard", description="Scaling fitted on the training split."
+    )
+    min_rows_per_split: int = Field(10, ge=1, description="Gate: fewest rows a split may have.")
+    repair_rounds: int = Field(
+        2, ge=0, description="Gate: rounds of repair (drop offending rows) before giving up."
+    )
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataConfig:
+        if set(self.split) != {"train", "validation", "test"}:
+            raise ValueError("split must have exactly the keys train, validation, test")
+        if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1) > 1e-6:
+            raise ValueError("split fractions must be positive and add up to 1")
+        return self
+
+
+class ModelConfig(_Section):
+    depth: int = Field(2, ge=0, le=32, description="Hidden layers; 0 is logistic regression.")
+    width: int = Field(64, ge=1, description="Units per hidden layer.")
+    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Hidden activation.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+
+
+class TrainConfig(_Section):
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs each worker holds; keep some free for Ray Data."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker; fails early if none exist.")
+    epochs: int = Field(20, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, description="Batch size per worker.")
+    lr: float = Field(3e-3, gt=0, description="Learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimiser.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
+    max_failures: int = Field(2, ge=0, description="Worker failures to recover from.")
+    metric: str = Field("val_roc_auc", description="Validation metric that picks the best epoch.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher metric is better.")
+
+
+class TuneConfig(_Section):
+    enabled: bool = Field(True, description="Run the sweep in `dcml run`.")
+    num_samples: int = Field(4, ge=1, description="Trials.")
+    lr_min: float = Field(1e-4, gt=0, description="Lower bound of the log-uniform lr.")
+    lr_max: float = Field(3e-2, gt=0, description="Upper bound of the log-uniform lr.")
+    depths: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], description="Depths to choose from."
+    )
+    epochs: int = Field(12, ge=1, description="Max epochs per trial (ASHA's max_t).")
+    grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial may be stopped.")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> TuneConfig:
+        if self.lr_min >= self.lr_max:
+            raise ValueError("lr_min must be below lr_max")
+        if not self.depths or any(d < 0 for d in self.depths):
+            raise ValueError("depths must be a non-empty list of depths >= 0")
+        return self
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    app_name: str = Field("dcml", description="Ray Serve application name.")
+    route_prefix: str = Field("/", description="Route prefix of the application.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
+    auth_token: str | None = Field(None, description="If set, requests need this bearer token.")
+    demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")
+
+
+class PipelineConfig(_Section):
+    name: str = Field("breast_cancer", description="Model name in the registry.")
+    seed: int = Field(0, description="Drives splits, shuffles and initialisation.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return parse_config(raw, source=str(path) if path else "config")
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        msg = f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+        raise ConfigError(msg) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc`, to list its allowed fields."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        msg = f"{where}: unknown field"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        return msg + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    return f"{where}: {err['msg']}"

@@ -1,0 +1,1 @@
+"""The data stage: sources, cleaning, splits, fitted transforms, the validation gate, versions."""

@@ -1,0 +1,231 @@
+"""The stages as functions, and the whole pipeline read top to bottom like the seed's flow chart:
+
+    collect -> preprocess -> gate -> store -> train -> tune -> register -> deploy -> infer -> output
+
+Each stage takes the config and references (dataset version, model version) and writes under the
+storage root, so each can also run alone from the CLI or a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from dcml import registry
+from dcml.cluster import connect
+from dcml.config import PipelineConfig
+from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, resolve_dataset
+from dcml.predictor import Predictor
+from dcml.storage import Storage
+from dcml.train.loop import META
+from dcml.train.metrics import binary_metrics
+from dcml.train.trainer import TrainOutcome, fit, new_run_id
+
+Log = Callable[[str], None]
+
+
+def stage_preprocess(cfg: PipelineConfig, log: Log = print) -> DatasetVersion:
+    connect(cfg.cluster)
+    return preprocess(cfg, Storage.from_config(cfg), log)
+
+
+def stage_train(
+    cfg: PipelineConfig, dataset_ref: str | None = None, run_id: str | None = None, log: Log = print
+) -> tuple[DatasetVersion, TrainOutcome]:
+    connect(cfg.cluster)
+    storage = Storage.from_config(cfg)
+    dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
+    run_id = run_id or new_run_id("train")
+    log(
+        f"training on {dataset.ref}: {cfg.train.workers} DDP worker(s), {cfg.train.epochs} epochs, "
+        f"run {run_id}"
+    )
+    outcome = fit(cfg, storage, dataset, run_id)
+    log(
+        f"best checkpoint: epoch {outcome.metrics['epoch'] + 1}, "
+        f"{cfg.train.metric}={outcome.metrics[cfg.train.metric]:.4f}"
+    )
+    return dataset, outcome
+
+
+def stage_tune(
+    cfg: PipelineConfig,
+    dataset_ref: str | None = None,
+    sweep_id: str | None = None,
+    log: Log = print,
+):
+    from dcml.tune import format_trials, sweep
+
+    connect(cfg.cluster)
+    storage = Storage.from_config(cfg)
+    dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
+    outcome = sweep(cfg, storage, dataset, sweep_id or new_run_id("sweep"), log)
+    log("tuning results (best first):\n" + format_trials(outcome.trials, cfg.train.metric))
+    return dataset, outcome
+
+
+def stage_register(
+    cfg: PipelineConfig,
+    dataset: DatasetVersion,
+    checkpoint_path: str,
+    lineage: dict[str, Any],
+    aliases: list[str],
+    log: Log = print,
+) -> registry.ModelVersion:
+    """Register a checkpoint with its preprocessor and its test-split metrics."""
+    storage = Storage.from_config(cfg)
+    ckpt_meta = storage.read_json(f"{checkpoint_path}/{META}")
+    meta = {
+        "task": dataset.manifest["task"],
+        "features": dataset.manifest["features"],
+        "preprocessor": dataset.manifest["preprocessor"],
+        "model_spec": ckpt_meta["model_spec"],
+        "validation_metrics": ckpt_meta["metrics"],
+        "lineage": {
+            "dataset": dataset.ref,
+            "checkpoint": checkpoint_path,
+            "seed": cfg.seed,
+            **lineage,
+        },
+        "config": cfg.model_dump(),
+    }
+    # Test metrics of exactly what gets registered: weights + preprocessor through the Predictor.
+    with storage.fs.open(f"{checkpoint_path}/{registry.WEIGHTS}", "rb") as f:
+        predictor = Predictor(f.read(), meta)
+    _, x, y = read_split_numpy(storage, dataset, "test")
+    meta["metrics"] = {
+        f"test_{k}": v for k, v in binary_metrics(y, predictor.predict_features(x)).items()
+    }
+    mv = registry.register(storage, cfg.name, checkpoint_path, meta, aliases)
+    test = meta["metrics"]
+    log(
+        f"registered model {mv.ref} ({', '.join(aliases) or 'no alias'}) at "
+        f"{storage.to_uri(mv.path)}: test accuracy {test['test_accuracy']:.4f}, "
+        f"ROC AUC {test['test_roc_auc']:.4f}"
+    )
+    return mv
+
+
+def raw_test_rows(storage: Storage, dataset: DatasetVersion, limit: int | None = None) -> pa.Table:
+    """The raw (untransformed) source rows of the test split, as a client would send them."""
+    ids, _, _ = read_split_numpy(storage, dataset, "test")
+    ids = ids[:limit] if limit else ids
+    m = dataset.manifest
+    source = m["source"]
+    fs = (
+        storage.fs
+        if source.startswith("bundled:")
+        else fsspec.core.url_to_fs(source, **storage.options)[0]
+    )
+    fmt = "parquet" if source.startswith("bundled:") else m["config"]["data"]["format"]
+    table = pads.dataset(
+        m["files"], filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)), format=fmt
+    ).to_table()
+    id_col = m["config"]["data"]["id_column"]
+    return table.filter(pc.is_in(table.column(id_col), pa.array(ids)))
+
+
+@dataclass
+class PipelineResult:
+    dataset: DatasetVersion
+    model: registry.ModelVersion
+    url: str
+    served_metrics: dict[str, float]
+    demo: list[dict[str, Any]] = field(default_factory=list)
+
+
+def query_served_model(
+    url: str,
+    table: pa.Table,
+    features: list[str],
+    label: str,
+    id_col: str,
+    token: str | None = None,
+    batch: int = 64,
+) -> tuple[dict[str, float], list[dict]]:
+    """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    rows = table.to_pylist()
+    probs, answered = [], []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        payload = [{c: r[c] for c in features} for r in chunk]
+        resp = requests.post(f"{url}/predict", json=payload, headers=headers, timeout=30)
+        resp.raise_for_status()
+        for r, p in zip(chunk, resp.json()["predictions"], strict=True):
+            probs.append(p["probability"])
+            answered.append({"id": r[id_col], "true": r[label], **p})
+    y = np.array([r[label] for r in rows])
+    return binary_metrics(y, np.array(probs)), answered
+
+
+def run_pipeline(
+    cfg: PipelineConfig, log: Log = print, keep_serving: bool = False
+) -> PipelineResult:
+    from ray import serve
+
+    from dcml.serving import deploy
+
+    connect(cfg.cluster)
+    storage = Storage.from_config(cfg)
+    log(f"storage root: {storage.uri()}")
+
+    dataset = stage_preprocess(cfg, log)  # collect, clean, split, fit, gate, store
+    _, trained = stage_train(cfg, dataset.ref, log=log)
+    candidates = [
+        (trained.metrics[cfg.train.metric], trained.checkpoint_path, {"run_id": trained.run_id})
+    ]
+    if cfg.tune.enabled:
+        _, swept = stage_tune(cfg, dataset.ref, log=log)
+        candidates.append(
+            (
+                swept.metrics[cfg.train.metric],
+                swept.checkpoint_path,
+                {"sweep_id": swept.sweep_id, "params": swept.params},
+            )
+        )
+    sign = 1 if cfg.train.mode == "max" else -1
+    best = max(candidates, key=lambda c: sign * c[0])
+    log(f"best validation {cfg.train.metric}={best[0]:.4f} from {best[2]}")
+    model = stage_register(cfg, dataset, best[1], best[2], ["production"], log)
+
+    url = deploy(cfg, f"{cfg.name}@production")
+    log(f"serving {model.ref} (alias production) at {url}/predict")
+    table = raw_test_rows(storage, dataset)
+    m = dataset.manifest
+    metrics, answered = query_served_model(
+        url,
+        table,
+        m["features"],
+        m["config"]["data"]["label"],
+        m["config"]["data"]["id_column"],
+        cfg.serve.auth_token,
+    )
+    shown = answered[: cfg.serve.demo_rows]
+    if shown:
+        log(f"{'id':>6} {'true':>5} {'pred':>5} {'probability':>12}")
+        for a in shown:
+            log(f"{a['id']:>6} {a['true']:>5} {a['label']:>5} {a['probability']:>12.4f}")
+    log(
+        f"served model on the test split ({len(answered)} rows over HTTP): "
+        f"accuracy {metrics['accuracy']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
+    )
+    result = PipelineResult(dataset, model, url, metrics, shown)
+    log(
+        "outputs:\n"
+        f"  dataset  {storage.to_uri(dataset.path)}\n"
+        f"  runs     {storage.uri('runs')}\n"
+        f"  model    {storage.to_uri(model.path)}"
+    )
+    if not keep_serving:
+        serve.shutdown()
+    return result

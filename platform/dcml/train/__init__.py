@@ -1,0 +1,1 @@
+"""The training stage: the model, a plain-PyTorch loop, and its Ray Train wiring."""

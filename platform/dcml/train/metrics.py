@@ -1,0 +1,40 @@
+"""Binary classification metrics in NumPy (no scikit-learn needed on workers or a GPU box)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum formula, with ties given their average rank."""
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    sorted_p = np.asarray(p)[order]
+    ranks = np.empty(len(p), dtype=np.float64)
+    # average ranks over runs of equal scores
+    _, start, counts = np.unique(sorted_p, return_index=True, return_counts=True)
+    avg = start + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    y = np.asarray(y).astype(np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    pred = p >= threshold
+    tp = float((pred & (y == 1)).sum())
+    fp = float((pred & (y == 0)).sum())
+    fn = float((~pred & (y == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": float((pred == (y == 1)).mean()),
+        "roc_auc": roc_auc(y, p),
+        "log_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }

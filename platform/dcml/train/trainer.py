@@ -1,0 +1,219 @@
+"""Ray Train wiring: the per-worker function and the one place that builds a `TorchTrainer`.
+
+Both `dcml train` and every Tune trial build their trainer with `build_trainer`, so the two cannot
+drift apart. Ray-version-specific calls for training live here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcml.config import PipelineConfig
+from dcml.data.preprocess import DatasetVersion
+from dcml.storage import Storage
+from dcml.train.loop import (
+    META,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_epoch,
+)
+from dcml.train.model import build_model, model_spec
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    checkpoint_path: str  # fsspec path of the best checkpoint folder
+    metrics: dict[str, Any]  # the best checkpoint's validation metrics
+
+
+def _shard_to_numpy(shard, features: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
+        xs.append(np.stack([batch[c] for c in features], axis=1).astype(np.float32))
+        ys.append(batch["label"].astype(np.float32))
+    if not xs:
+        return np.empty((0, len(features)), np.float32), np.empty(0, np.float32)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: plain PyTorch, with DDP through `prepare_model`."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = PipelineConfig.model_validate(config["cfg"])
+    features: list[str] = config["features"]
+    epochs: int = config.get("epochs") or cfg.train.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    # Tabular shards fit in memory: read each worker's shard once, then run epochs over tensors.
+    x, y = _shard_to_numpy(ray.train.get_dataset_shard("train"), features)
+    vx, vy = _shard_to_numpy(ray.train.get_dataset_shard("validation"), features)
+    x, y = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    vx = torch.as_tensor(vx, device=device)
+    steps = math.ceil(len(x) / cfg.train.batch_size)
+    if world > 1 and torch.distributed.is_initialized():
+        # every DDP rank must take the same number of steps per epoch
+        t = torch.tensor([steps], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        steps = int(t.item())
+
+    spec = model_spec(cfg.model, len(features))
+    model = ray.train.torch.prepare_model(build_model(spec))
+    optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = load_checkpoint(d, model, optimizer)
+
+    for epoch in range(start, epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        t0 = time.perf_counter()
+        loss = train_epoch(model, optimizer, x, y, cfg.train.batch_size, steps, g)
+        if world > 1 and torch.distributed.is_initialized():
+            t = torch.tensor([loss], device=device)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / world
+        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy)}
+        metrics["epoch_s"] = time.perf_counter() - t0
+        last = epoch == epochs - 1
+        if rank == 0 and config.get("progress", True):
+            shown = " ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_"))
+            )
+            print(f"[dcml] epoch {epoch + 1}/{epochs} {shown}", flush=True)
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    meta = {"metrics": metrics, "model_spec": spec, "features": features}
+                    save_checkpoint(d, model, optimizer, epoch, meta)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                else:
+                    ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+
+
+def check_resources(cfg: PipelineConfig, workers: int) -> None:
+    """Fail fast where Ray would wait forever for resources that do not exist."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.train.use_gpu and res.get("GPU", 0) < workers:
+        raise RuntimeError(
+            f"train.use_gpu is on but the cluster has {res.get('GPU', 0):g} GPU(s) for {workers} "
+            "worker(s); set train.use_gpu=false or add GPUs"
+        )
+    need = workers * cfg.train.cpus_per_worker
+    if res.get("CPU", 0) < need:
+        raise RuntimeError(
+            f"train.workers={workers} x train.cpus_per_worker={cfg.train.cpus_per_worker} needs "
+            f"{need:g} CPUs; the cluster has {res.get('CPU', 0):g}"
+        )
+
+
+def build_trainer(
+    cfg: PipelineConfig,
+    storage: Storage,
+    dataset: DatasetVersion,
+    run_name: str,
+    *,
+    storage_path: str | None = None,
+    workers: int | None = None,
+    epochs: int | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+):
+    import ray.data
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    workers = workers or cfg.train.workers
+    check_resources(cfg, workers)
+    fs = storage.arrow_fs()
+    datasets = {
+        # Materialised once in the driver: the workers then split blocks already in the object
+        # store instead of each starting its own read tasks (seconds per process on a small node).
+        split: ray.data.read_parquet(dataset.split_path(split), filesystem=fs).materialize()
+        for split in ("train", "validation")
+    }
+    return TorchTrainer(
+        train_func,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "features": dataset.manifest["features"],
+            "epochs": epochs,
+            "progress": progress,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        datasets=datasets,
+        # every worker evaluates on the whole validation split, so metrics agree across ranks
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path or storage.path("runs"),
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=cfg.train.metric,
+                checkpoint_score_order=cfg.train.mode,
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="INFO" if progress == "verbose" else "WARNING"),
+        ),
+    )
+
+
+def best_checkpoint(storage: Storage, run_path: str, metric: str, mode: str) -> str:
+    """The stored checkpoint of a run with the best `metric` (later epochs win ties)."""
+    sign = 1 if mode == "max" else -1
+    best = None
+    for name in storage.ls(run_path):
+        meta_path = f"{run_path}/{name}/{META}"
+        if name.startswith("checkpoint_") and storage.exists(meta_path):
+            m = storage.read_json(meta_path)["metrics"]
+            key = (sign * m[metric], m["epoch"])
+            if best is None or key > best[0]:
+                best = (key, f"{run_path}/{name}")
+    if best is None:
+        raise RuntimeError(f"no checkpoint with {metric!r} under {run_path}")
+    return best[1]
+
+
+def fit(
+    cfg: PipelineConfig, storage: Storage, dataset: DatasetVersion, run_id: str
+) -> TrainOutcome:
+    build_trainer(cfg, storage, dataset, run_id).fit()
+    path = best_checkpoint(storage, storage.path("runs", run_id), cfg.train.metric, cfg.train.mode)
+    return TrainOutcome(run_id, path, storage.read_json(f"{path}/{META}")["metrics"])
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
