@@ -217,16 +217,9 @@ def _block(cfg: PipelineConfig) -> None:
 
 
 def _shutdown() -> None:
-    import ray
+    from dcml.cluster import shutdown
 
-    if ray.is_initialized():
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:  # noqa: BLE001 - nothing was served
-            pass
-        ray.shutdown()
+    shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,5 +227,5 @@ def run_pipeline(
         f"  model    {storage.to_uri(model.path)}"
     )
     if not keep_serving:
-        serve.shutdown()
+        serve.delete(cfg.serve.app_name)
     return result

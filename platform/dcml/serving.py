@@ -9,6 +9,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from ray import serve
@@ -74,6 +75,12 @@ class _TooLarge(Exception):
     pass
 
 
+def _field_name(loc: tuple) -> str:
+    """('body', 'Record', 'mean area') or ('body', 'list[Record]', 3, 'x') -> the field's name."""
+    parts = [p for p in loc if p not in ("body", "Record", "list[Record]")]
+    return ".".join(str(p) for p in parts) or "body"
+
+
 def build_http_app(
     predictor: Predictor, max_request_bytes: int, auth_token: str | None, model_ref: str = ""
 ) -> FastAPI:
@@ -88,6 +95,15 @@ def build_http_app(
             raise HTTPException(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name the field; never echo the input back (it may be huge, or NaN that JSON can't hold).
+        detail = [
+            {"field": _field_name(e["loc"]), "loc": list(e["loc"]), "msg": e["msg"]}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

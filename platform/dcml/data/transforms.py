@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 STATE_VERSION = 1
 
@@ -64,6 +66,16 @@ def fit_preprocessor(train_ds, features: list[str], scaling: str) -> Preprocesso
     """Fit imputation and scaling over the whole training split with Ray Data aggregations."""
     from ray.data.aggregate import Mean, Std
 
+    def finite_only(batch: pa.Table) -> pa.Table:
+        # Statistics over finite values only: an infinity must not poison the mean. The rows
+        # themselves stay, and the gate flags (and repairs) what is still non-finite afterwards.
+        cols = {}
+        for c in features:
+            v = batch.column(c)
+            cols[c] = pc.if_else(pc.is_finite(v), v, pa.scalar(None, v.type))
+        return pa.table(cols)
+
+    train_ds = train_ds.map_batches(finite_only, batch_format="pyarrow")
     aggs = [Mean(c, alias_name=f"mean:{c}") for c in features]
     if scaling == "standard":
         aggs += [Std(c, ddof=0, alias_name=f"std:{c}") for c in features]

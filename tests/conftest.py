@@ -1,0 +1,53 @@
+"""One real local Ray for the whole test session; small data; free ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from dcml.config import PipelineConfig, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from dcml.cluster import prepare_env
+    from dcml.config import ClusterConfig
+
+    prepare_env(ClusterConfig())
+    # address="local": never attach to another Ray cluster running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
+    yield
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(root: Path, **sections) -> PipelineConfig:
+    """A config on a temporary storage root with small, fast settings; `sections` override."""
+    raw = {
+        "storage": {"root": str(root)},
+        "train": {"epochs": 4, "workers": 2},
+        "tune": {"num_samples": 2, "epochs": 3, "grace_period": 1},
+        "serve": {"port": free_port(), "demo_rows": 2},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(name, {}).update(values)
+        else:
+            raw[name] = values
+    return parse_config(raw)

@@ -1,0 +1,61 @@
+"""Config validation: defaults, overrides, and errors that name the field."""
+
+import pytest
+
+from dcml.cli import main
+from dcml.config import ConfigError, load_config
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "model.depth=0", "tune.depths=[0, 1]"])
+    assert cfg.train.epochs == 3
+    assert cfg.model.depth == 0
+    assert cfg.tune.depths == [0, 1]
+    assert cfg.serve.host == "127.0.0.1"  # loopback unless told otherwise
+
+
+def test_yaml_file_with_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: 7\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.epochs=2"])
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr) == ("x", 2, 0.01)
+
+
+def test_unknown_field_names_field_and_allowed_fields():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.epochz=3"])
+    msg = str(e.value)
+    assert "train.epochz: unknown field" in msg
+    assert "did you mean 'epochs'" in msg
+    assert "batch_size" in msg  # lists what is allowed
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.epochs=many", "train.optimizer=adagrad", "serve.port=0"])
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "train.epochs" in msg
+    assert "train.optimizer" in msg and "'adamw'" in msg  # the allowed values
+    assert "serve.port" in msg
+
+
+def test_section_level_rules():
+    with pytest.raises(ConfigError, match="split fractions"):
+        load_config(None, ["data.split={train: 0.5, validation: 0.1, test: 0.1}"])
+    with pytest.raises(ConfigError, match="lr_min must be below lr_max"):
+        load_config(None, ["tune.lr_min=0.1", "tune.lr_max=0.01"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["preprocess", "--set", "data.sorce=x"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sorce: unknown field" in err and "did you mean 'source'" in err
+    assert "Traceback" not in err

@@ -1,0 +1,116 @@
+"""The whole pipeline end to end on a real local Ray: Data, Train (DDP), Tune, registry, Serve over
+real HTTP, batch inference, and the stage verbs of the `dcml` CLI run alone against its storage."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+from ray import serve
+
+from dcml import registry
+from dcml.cli import main
+from dcml.pipeline import raw_test_rows, run_pipeline
+from dcml.predictor import Predictor
+from dcml.storage import Storage
+
+from .conftest import make_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    cfg = make_config(root, name="bc", train={"epochs": 8, "workers": 2})
+    lines: list[str] = []
+    result = run_pipeline(cfg, log=lines.append, keep_serving=True)
+    yield cfg, result, lines
+    serve.delete(cfg.serve.app_name)
+
+
+def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):
+    cfg, result, lines = pipeline
+    assert result.served_metrics["roc_auc"] >= 0.98
+    assert result.served_metrics["accuracy"] >= 0.9
+    assert result.model.meta["metrics"]["test_roc_auc"] >= 0.98
+    text = "\n".join(lines)
+    assert "tuning results" in text and "served model on the test split" in text
+    assert "validation gate passed" in text
+    assert len(result.demo) == cfg.serve.demo_rows
+
+    meta = requests.get(f"{result.url}/metadata", timeout=10).json()
+    assert (meta["model"], meta["version"], meta["ref"]) == ("bc", 1, "bc@production")
+    assert meta["lineage"]["dataset"] == result.dataset.ref
+    assert requests.get(f"{result.url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_served_predictions_equal_the_offline_predictor(pipeline):
+    cfg, result, _ = pipeline
+    storage = Storage.from_config(cfg)
+    table = raw_test_rows(storage, result.dataset, limit=20)
+    features = result.dataset.manifest["features"]
+    rows = [{c: r[c] for c in features} for r in table.to_pylist()]
+    served = requests.post(f"{result.url}/predict", json=rows, timeout=30).json()["predictions"]
+    offline = Predictor.from_storage(storage, result.model.path).predict_records(rows)
+    np.testing.assert_allclose(
+        [s["probability"] for s in served], [o["probability"] for o in offline], rtol=1e-6
+    )
+    assert all(s["model_version"] == "bc@1" for s in served)
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_the_server_stays_up(pipeline):
+    cfg, result, _ = pipeline
+    features = result.dataset.manifest["features"]
+    good = dict.fromkeys(features, 1.0)
+    url = f"{result.url}/predict"
+    missing = {k: v for k, v in good.items() if k != "worst area"}
+    r = requests.post(url, json=missing, timeout=10)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "worst area"
+    r = requests.post(
+        url, data="{not json", headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert r.status_code == 422
+    r = requests.post(url, data=b"x" * (cfg.serve.max_request_bytes + 1), timeout=10)
+    assert r.status_code == 413
+    assert "Traceback" not in r.text
+    assert requests.post(url, json=good, timeout=10).status_code == 200
+
+
+def test_stage_verbs_run_alone_against_storage(pipeline, tmp_path, capsys):
+    cfg, result, _ = pipeline
+    at = ["--set", f"storage.root={cfg.storage.root}", "--set", "name=bc"]
+
+    # batch inference with the production model over the raw shards
+    out = tmp_path / "predictions"
+    raw = f"{cfg.storage.root}/raw/breast_cancer"
+    assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 569 and set(table.column_names) >= {"id", "probability", "label"}
+    # nothing stored is overwritten
+    assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 1
+    assert "exists" in capsys.readouterr().err
+
+    # train alone on the stored dataset version, register, then promote
+    dataset = result.dataset.ref
+    assert main(["train", *at, "--set", "train.epochs=2", "--dataset", dataset]) == 0
+    storage = Storage.from_config(cfg)
+    assert registry.list_models(storage)["bc"] == [1, 2]
+    assert registry.resolve_model(storage, "bc@production").version == 1
+    assert main(["models", "promote", "bc", "2", "--alias", "staging", *at]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", *at]) == 0
+    assert "bc: versions [1, 2]; aliases production->1, staging->2" in capsys.readouterr().out
+    assert main(["models", "show", "bc@staging", *at]) == 0
+    assert '"dataset": "' + dataset in capsys.readouterr().out
+    assert main(["data", "list", *at]) == 0
+    assert dataset in capsys.readouterr().out
+
+
+def test_use_gpu_without_gpus_fails_fast_with_a_message(pipeline):
+    cfg, result, _ = pipeline
+    at = ["--set", f"storage.root={cfg.storage.root}", "--set", "train.use_gpu=true"]
+    with pytest.raises(RuntimeError, match="train.use_gpu"):
+        from dcml.train.trainer import check_resources
+
+        check_resources(make_config(cfg.storage.root, train={"use_gpu": True}), 2)
+    assert main(["train", *at, "--dataset", result.dataset.ref]) == 1
