@@ -28,7 +28,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline config (YAML).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value.")
 
 # Errors a user can fix: print the message, not a traceback (DCML_DEBUG=1 shows it).
-USER_ERRORS = (ConfigError, LookupError, FileNotFoundError, ValueError, RuntimeError)
+USER_ERRORS = (ConfigError, LookupError, OSError, ValueError, RuntimeError)
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
