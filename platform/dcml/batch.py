@@ -54,6 +54,9 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
         batch_format="pyarrow",
         batch_size=4096,
         concurrency=1,
+        # A fraction of a CPU: a whole one, beside a Serve replica, left the read tasks none on a
+        # 2-CPU node and the job waited forever.
+        num_cpus=0.5,
         num_gpus=1 if cfg.train.use_gpu else 0,
     ).materialize()
     out = Storage(output_uri, cfg.storage.storage_options)

@@ -143,7 +143,8 @@ def build_http_app(
     return app
 
 
-@serve.deployment(max_ongoing_requests=64)
+# Half a CPU per replica so that a small node still has CPUs for Ray Data and Train beside it.
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress()
 class ModelServer:
     """A replica loads the model version itself: only the reference travels."""
