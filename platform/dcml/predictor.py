@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from dcml.data.transforms import Preprocessor
-from dcml.train.loop import predict_proba
+from dcml.train.loop import WEIGHTS, predict_proba
 from dcml.train.model import build_model
 
-WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 
 

@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dcml.predictor import MODEL_JSON
 from dcml.storage import Storage
-
-WEIGHTS = "model.safetensors"
-MODEL_JSON = "model.json"
+from dcml.train.loop import WEIGHTS
 
 
 @dataclass(frozen=True)
