@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
 
 from dcml.data.sources import breast_cancer_table
-from dcml.data.split import assign_splits
+from dcml.data.split import assign_splits, hash64, unit_interval
 from dcml.data.transforms import Preprocessor
 from dcml.predictor import Predictor
 from dcml.serving import build_http_app
@@ -21,16 +21,23 @@ from dcml.train.model import build_model
 FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 
 
+def split_of(ids, seed=0):
+    return assign_splits(unit_interval(hash64(ids, seed)), FRACTIONS)
+
+
 def test_split_is_a_function_of_the_id_alone():
     ids = np.arange(10_000)
-    whole = assign_splits(ids, seed=0, fractions=FRACTIONS)
+    whole = split_of(ids)
     # shuffled and chunked differently (another shard layout), the same id gets the same split
     perm = np.random.default_rng(1).permutation(ids)
-    parts = np.concatenate([assign_splits(c, 0, FRACTIONS) for c in np.array_split(perm, 7)])
+    parts = np.concatenate([split_of(c) for c in np.array_split(perm, 7)])
     assert (parts == whole[perm]).all()
     counts = {s: (whole == s).mean() for s in FRACTIONS}
     assert abs(counts["train"] - 0.7) < 0.02 and abs(counts["test"] - 0.15) < 0.02
-    assert (assign_splits(ids, seed=1, fractions=FRACTIONS) != whole).any()
+    assert (split_of(ids, seed=1) != whole).any()
+    # string ids hash too, and the same text gives the same split
+    text = np.array([f"user-{i}" for i in range(1000)], dtype=object)
+    assert (split_of(text) == split_of(text.copy())).all()
 
 
 def test_roc_auc_matches_scikit_learn_with_ties():
@@ -42,30 +49,62 @@ def test_roc_auc_matches_scikit_learn_with_ties():
     assert m["accuracy"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5
 
 
-def test_preprocessor_state_is_json_and_imputes_then_scales():
-    pre = Preprocessor(
-        ["a", "b"],
-        fill={"a": 1.0, "b": 0.0},
-        center={"a": 1.0, "b": 2.0},
-        scale={"a": 2.0, "b": 1.0},
+def numeric_pre(features, fill, center, scale, **kw) -> Preprocessor:
+    return Preprocessor(
+        numeric=list(features),
+        categorical=[],
+        fill=dict(fill),
+        clip={},
+        center=dict(center),
+        scale=dict(scale),
+        categories={},
+        **kw,
     )
+
+
+def test_preprocessor_state_is_json_and_imputes_clips_then_scales():
+    pre = numeric_pre(["a", "b"], {"a": 1.0, "b": 0.0}, {"a": 1.0, "b": 2.0}, {"a": 2.0, "b": 1.0})
+    pre = Preprocessor.from_json({**pre.to_json(), "clip": {"b": [0.0, 4.0]}})
     state = json.loads(json.dumps(pre.to_json()))
     again = Preprocessor.from_json(state)
-    x = again.transform({"a": pa.array([3.0, None]), "b": np.array([2.0, 5.0])})
+    x = again.transform({"a": pa.array([3.0, None]), "b": np.array([2.0, 50.0])})
     assert x.dtype == np.float32
-    np.testing.assert_allclose(x, [[1.0, 0.0], [0.0, 3.0]])
+    np.testing.assert_allclose(x, [[1.0, 0.0], [0.0, 2.0]])  # 50 clipped to 4
+    with pytest.raises(ValueError, match="version 1 is not supported"):
+        Preprocessor.from_json({**state, "version": 1})
+
+
+@pytest.mark.parametrize("encoding", ["onehot", "ordinal"])
+def test_categories_encode_with_an_unknown_bucket(encoding):
+    pre = Preprocessor(
+        numeric=[],
+        categorical=["color"],
+        fill={},
+        clip={},
+        center={},
+        scale={},
+        categories={"color": ["blue", "red"]},
+        encoding=encoding,
+    )
+    values = ["red", "green", None, "blue"]
+    arrow = pre.transform({"color": pa.array(values)})
+    np.testing.assert_array_equal(arrow, pre.transform({"color": values}))  # lists too
+    if encoding == "onehot":
+        assert pre.output_features == ["color=blue", "color=red", "color=<unknown>"]
+        np.testing.assert_array_equal(arrow, [[0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+    else:
+        assert pre.output_features == ["color"]
+        np.testing.assert_array_equal(arrow[:, 0], [2, 0, 0, 1])
 
 
 def _breast_cancer_xy():
     t = breast_cancer_table()
     features = [c for c in t.column_names if c not in ("id", "label")]
     x = np.stack([t.column(c).to_numpy() for c in features], 1)
-    splits = assign_splits(t.column("id").to_numpy(), 0, FRACTIONS)
+    splits = split_of(t.column("id").to_numpy())
     train = splits == "train"
     mean, std = x[train].mean(0), x[train].std(0)
-    pre = Preprocessor(
-        features, dict(zip(features, mean)), dict(zip(features, mean)), dict(zip(features, std))
-    )
+    pre = numeric_pre(features, zip(features, mean), zip(features, mean), zip(features, std))
     return t, features, pre, splits
 
 
@@ -179,3 +218,42 @@ def test_http_app_rejects_bad_requests_with_the_field_named(http_client):
     assert client.post("/predict", json=[], headers=auth).status_code == 422
     assert client.post("/predict", json=[row] * 200, headers=auth).status_code == 413
     assert client.post("/predict", json=row, headers=auth).status_code == 200  # still answering
+
+
+def test_http_app_takes_categories_as_text(tmp_path):
+    pre = Preprocessor(
+        numeric=["x"],
+        categorical=["color"],
+        fill={"x": 0.0},
+        clip={},
+        center={"x": 0.0},
+        scale={"x": 1.0},
+        categories={"color": ["blue", "red"]},
+    )
+    spec = {
+        "kind": "mlp",
+        "n_features": len(pre.output_features),
+        "n_outputs": 1,
+        "depth": 0,
+        "width": 1,
+        "activation": "relu",
+        "dropout": 0.0,
+    }
+    model = build_model(spec)
+    save_checkpoint(str(tmp_path), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
+    meta = {
+        "name": "c",
+        "version": 1,
+        "preprocessor": pre.to_json(),
+        "model_spec": spec,
+        "classes": ["no", "yes"],
+    }
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    client = TestClient(build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, None))
+    r = client.post("/predict", json=[{"x": 1.0, "color": "red"}, {"x": 1.0, "color": "mauve"}])
+    assert r.status_code == 200
+    assert {p["label"] for p in r.json()["predictions"]} <= {"no", "yes"}
+    r = client.post("/predict", json={"x": 1.0, "color": 3})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "color"
+    meta = client.get("/metadata").json()
+    assert meta["inputs"] == {"numeric": ["x"], "categorical": ["color"]}

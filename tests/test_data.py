@@ -1,4 +1,6 @@
-"""The data stage on a real local Ray: versions, reuse, the gate, and errors that name the input."""
+"""The data stage on a real local Ray: ingest, cleaning, transforms, gate, versions, bad input."""
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -6,8 +8,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from dcml.data.errors import DataError
 from dcml.data.gate import GateError
 from dcml.data.preprocess import list_versions, preprocess, read_split_numpy, resolve_dataset
+from dcml.data.synth import encode, synth_table
 from dcml.storage import Storage
 
 from .conftest import make_config
@@ -15,97 +19,268 @@ from .conftest import make_config
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def synthetic(n: int, seed: int = 0, bad_rows: tuple = ()) -> pa.Table:
+def quiet(_: str) -> None:
+    pass
+
+
+def small(n: int, seed: int = 0, inf_rows: tuple = ()) -> pa.Table:
     rng = np.random.default_rng(seed)
     f1, f2 = rng.normal(size=n), rng.normal(size=n)
-    f1[list(bad_rows)] = np.inf
+    f1[list(inf_rows)] = np.inf
     label = ((f1 + f2) > 0).astype(np.int64)
     return pa.table({"id": np.arange(n), "f1": f1, "f2": f2, "label": label})
 
 
-def write_shards(folder, table: pa.Table, shards: int, fmt: str = "parquet") -> None:
-    folder.mkdir(parents=True)
+def write_shards(folder, table: pa.Table, shards: int, fmt: str = "parquet") -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"parquet": "parquet", "csv": "csv", "json": "jsonl"}[fmt]
+    paths = []
     for i, part in enumerate(np.array_split(np.arange(table.num_rows), shards)):
-        chunk = table.take(pa.array(part))
-        if fmt == "parquet":
-            pq.write_table(chunk, folder / f"part-{i}.parquet")
-        else:
-            pacsv.write_csv(chunk, folder / f"part-{i}.csv")
+        path = folder / f"part-{i}.{suffix}"
+        path.write_bytes(encode(table.take(pa.array(part)), fmt))
+        paths.append(path)
+    return paths
+
+
+def run(tmp_path, name="syn", source=None, **data):
+    cfg = make_config(
+        tmp_path / "store", data={"name": name, "source": str(source or tmp_path / "raw"), **data}
+    )
+    return preprocess(cfg, Storage.from_config(cfg), log=quiet), Storage.from_config(cfg)
+
+
+def stored(tmp_path, name="syn") -> list:
+    folder = tmp_path / "store" / "datasets" / name
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def test_bundled_data_is_collected_split_gated_and_versioned(tmp_path):
     cfg = make_config(tmp_path / "store")
     storage = Storage.from_config(cfg)
-    dv = preprocess(cfg, storage, log=lambda _: None)
+    dv = preprocess(cfg, storage, log=quiet)
 
-    rows = dv.manifest["rows"]
-    assert rows["raw"] == 569
-    assert rows["train"] + rows["validation"] + rows["test"] == 569
+    m = dv.manifest
+    assert m["rows"]["raw"] == 569
+    assert sum(m["rows"][s] for s in ("train", "validation", "test")) == 569
     assert len(list((tmp_path / "store" / "raw" / "breast_cancer").glob("*.parquet"))) == 4
-    assert len(dv.manifest["features"]) == 30
-    assert dv.manifest["gate"]["passed"] is True
-    # standardised on the training split: mean ~0, std ~1 there
+    assert len(m["features"]) == 30 and m["classes"] == [0, 1]
+    assert m["gate"]["passed"] is True
+    assert len(m["content_hash"]) == 64
+    assert "storage_options" not in m["config"]["data"]  # credentials are never stored
+    for shard in m["shards"]:
+        assert (
+            tmp_path / "store" / "datasets" / "breast_cancer" / dv.version / shard["name"]
+        ).is_file()
+    # standardised on the training split (after clipping to the 0.1%/99.9% quantiles)
     _, x, y = read_split_numpy(storage, dv, "train")
     assert np.abs(x.mean(0)).max() < 1e-4 and np.abs(x.std(0) - 1).max() < 1e-3
     assert set(np.unique(y)) == {0, 1}
 
     # the same inputs and config find the stored version; nothing is rewritten
-    mtime = (
-        tmp_path / "store" / "datasets" / "breast_cancer" / dv.version / "_manifest.json"
-    ).stat()
-    again = preprocess(cfg, storage, log=lambda _: None)
-    assert again.version == dv.version
-    assert (
-        tmp_path / "store" / "datasets" / "breast_cancer" / dv.version / "_manifest.json"
-    ).stat() == mtime
+    manifest = tmp_path / "store" / "datasets" / "breast_cancer" / dv.version / "_manifest.json"
+    mtime = manifest.stat().st_mtime_ns
+    again = preprocess(cfg, storage, log=quiet)
+    assert again.version == dv.version and manifest.stat().st_mtime_ns == mtime
     assert [v.version for v in list_versions(storage, "breast_cancer")] == [dv.version]
     assert resolve_dataset(storage, "breast_cancer@latest").version == dv.version
 
     # another seed is another split, so another version
-    other = preprocess(make_config(tmp_path / "store", seed=1), storage, log=lambda _: None)
+    other = preprocess(make_config(tmp_path / "store", seed=1), storage, log=quiet)
     assert other.version != dv.version
     assert resolve_dataset(storage, "breast_cancer").version == other.version
 
 
-def test_csv_source_and_gate_repairs_non_finite_rows(tmp_path):
-    write_shards(tmp_path / "raw", synthetic(300, bad_rows=(3, 77)), 3, fmt="csv")
-    cfg = make_config(
-        tmp_path / "store", data={"name": "syn", "source": str(tmp_path / "raw"), "format": "csv"}
+def test_cleaning_counts_every_dropped_row_and_encodes_categories(tmp_path):
+    table = pa.concat_tables([synth_table(1500, s, 1500 * s, seed=3) for s in range(3)])
+    write_shards(tmp_path / "raw", table, 3)
+    dv, storage = run(tmp_path, impute_columns={"num_1": "drop"}, clip_quantiles=[0.01, 0.99])
+    m = dv.manifest
+    rows, dropped = m["rows"], m["rows"]["dropped"]
+    kept = sum(rows[s] for s in ("train", "validation", "test"))
+    assert rows["raw"] == table.num_rows == kept + sum(dropped.values())
+    assert dropped["missing_label"] == table.column("label").null_count
+    assert dropped["duplicate"] > 0 and dropped["missing_value"] > 0
+    # one-hot with an unknown bucket; categories fitted on the training split
+    assert m["columns"]["categorical"] == ["color", "region"]
+    assert "color=red" in m["features"] and "color=<unknown>" in m["features"]
+    pre = dv.preprocessor
+    assert pre.categories["color"] == sorted(["red", "green", "blue", "black", "white"])
+    # outliers (0.5% of values, x50) clipped to the fitted 1%/99% quantiles
+    ids, x, _ = read_split_numpy(storage, dv, "train")
+    assert np.abs(x[:, : len(pre.numeric)]).max() < 4
+    assert len(np.unique(ids)) == len(ids)  # duplicates are gone
+    # missing categories land in the unknown bucket; missing numbers are imputed
+    assert x[:, m["features"].index("color=<unknown>")].sum() > 0
+    assert np.isfinite(x).all()
+
+
+def test_split_depends_on_the_id_not_the_layout_or_format(tmp_path):
+    table = synth_table(1200, 0, 0, seed=5)
+    write_shards(tmp_path / "a", table, 2, "parquet")
+    write_shards(tmp_path / "b", table, 5, "csv")
+    write_shards(tmp_path / "c", table, 3, "json")
+    splits = []
+    for name in "abc":
+        dv, storage = run(tmp_path, name=name, source=tmp_path / name)
+        assert dv.manifest["format"] == {"a": "parquet", "b": "csv", "c": "json"}[name]
+        splits.append({s: set(read_split_numpy(storage, dv, s)[0]) for s in ("train", "test")})
+    assert splits[0] == splits[1] == splits[2]
+    assert 0.6 < len(splits[0]["train"]) / 1200 < 0.8
+
+
+def test_minmax_ordinal_and_rows_without_ids(tmp_path):
+    write_shards(tmp_path / "raw", synth_table(800, 0, 0).drop_columns(["id"]), 2)
+    dv, storage = run(
+        tmp_path, id_column=None, scaling="minmax", encoding="ordinal", clip_quantiles=None
     )
-    dv = preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
+    assert dv.manifest["features"][-2:] == ["color", "region"]
+    _, x, _ = read_split_numpy(storage, dv, "train")
+    numeric = len(dv.preprocessor.numeric)
+    assert x[:, :numeric].min() >= -1e-6 and x[:, :numeric].max() <= 1 + 1e-6
+    assert set(np.unique(x[:, numeric])) <= {0, 1, 2, 3, 4, 5}  # 0 is unknown
+
+
+def test_multiclass_and_regression_labels(tmp_path):
+    table = synth_table(900, 0, 0).drop_columns(["label"])
+    table = table.append_column("kind", table.column("region")).drop_columns(["region"])
+    write_shards(tmp_path / "raw", table, 2)
+    dv, storage = run(tmp_path, label="kind", task="multiclass")
+    assert dv.manifest["classes"] == [f"r{i:02d}" for i in range(20)]
+    _, _, y = read_split_numpy(storage, dv, "train")
+    assert y.dtype == np.int64 and set(np.unique(y)) == set(range(20))
+
+    dv, storage = run(tmp_path, name="reg", label="num_0", task="regression", numeric=["num_1"])
+    assert dv.manifest["classes"] is None and dv.manifest["schema"]["label"] == "double"
+    assert dv.manifest["rows"]["dropped"]["missing_label"] > 0  # NaN targets
+
+
+def test_gate_repairs_then_passes_or_stops_with_a_report(tmp_path):
+    write_shards(tmp_path / "raw", small(300, inf_rows=(3, 77)), 3, fmt="csv")
+    # no clipping: the infinities reach the gate, which drops them and checks again
+    dv, _ = run(tmp_path, clip_quantiles=None)
     gate = dv.manifest["gate"]
-    assert gate["passed"] and gate["repaired_rows"] == 2
+    assert gate["passed"] and gate["dropped_rows"] == 2 and len(gate["rounds"]) == 2
     first = {c["check"]: c for c in gate["rounds"][0] if not c["passed"]}
     assert first["finite"]["column"] == "f1"
     assert {e["id"] for e in first["finite"]["examples"]} == {3, 77}
-    assert sum(dv.manifest["rows"][s] for s in ("train", "validation", "test")) == 298
+    assert {e["file"].rsplit("/", 1)[-1] for e in first["finite"]["examples"]} == {"part-0.csv"}
+    assert dv.manifest["rows"]["dropped"]["gate_repair"] == 2
 
+    dv, storage = run(tmp_path, name="imputed", clip_quantiles=None, gate={"repair": "impute"})
+    assert dv.manifest["gate"]["imputed_values"] == 2
+    assert sum(dv.manifest["rows"][s] for s in ("train", "validation", "test")) == 300
 
-def test_gate_failure_stops_with_a_report_and_commits_nothing(tmp_path):
-    write_shards(tmp_path / "raw", synthetic(300, bad_rows=(5,)), 2)
-    cfg = make_config(
-        tmp_path / "store",
-        data={"name": "syn", "source": str(tmp_path / "raw"), "repair_rounds": 0},
-    )
     with pytest.raises(GateError) as e:
-        preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
+        run(tmp_path, name="strict", clip_quantiles=None, gate={"rounds": 0})
     msg = str(e.value)
-    assert "finite" in msg and "'f1'" in msg and "part-0.parquet" in msg and "'id': 5" in msg
-    assert not (tmp_path / "store" / "datasets" / "syn").exists() or not any(
-        (tmp_path / "store" / "datasets" / "syn").iterdir()
-    )
+    assert "finite" in msg and "'f1'" in msg and "part-0.csv row 3 (id 3)" in msg
+    assert stored(tmp_path, "strict") == []  # nothing committed, no temporary folder left
+
+    with pytest.raises(GateError, match="min_rows"):
+        run(tmp_path, name="tiny", gate={"min_rows_per_split": 1000})
 
 
-def test_bad_inputs_name_what_is_wrong(tmp_path):
-    write_shards(tmp_path / "raw", synthetic(100), 2)
-    cfg = make_config(
-        tmp_path / "store",
-        data={"name": "syn", "source": str(tmp_path / "raw"), "features": ["f1", "nope"]},
-    )
-    with pytest.raises(ValueError, match="'nope'"):
-        preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
-    cfg = make_config(tmp_path / "store", data={"source": str(tmp_path / "missing")})
-    with pytest.raises(FileNotFoundError, match="missing"):
-        preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
+def test_augmentation_touches_only_the_training_split(tmp_path):
+    table = small(600)
+    label = np.asarray(table.column("label"))
+    keep = np.flatnonzero((label == 1) | (np.arange(600) % 3 == 0))  # class 0 is now rarer
+    write_shards(tmp_path / "raw", table.take(pa.array(keep)), 2)
+    base, storage = run(tmp_path)
+    over, _ = run(tmp_path, name="over", augment={"oversample": True})
+    noisy, _ = run(tmp_path, name="noisy", augment={"noise_std": 0.1, "noise_copies": 2})
+    for dv in (over, noisy):
+        for s in ("validation", "test"):
+            assert dv.manifest["rows"][s] == base.manifest["rows"][s]
+    _, _, y = read_split_numpy(storage, over, "train")
+    counts = np.bincount(y)
+    assert abs(counts[0] - counts[1]) <= 0.05 * counts.max()
+    assert noisy.manifest["rows"]["train"] == 3 * base.manifest["rows"]["train"]
+    assert noisy.manifest["rows"]["augmented"] == 2 * base.manifest["rows"]["train"]
+
+
+def test_crash_debris_is_not_a_version_and_a_rerun_commits(tmp_path):
+    write_shards(tmp_path / "raw", small(200), 2)
+    dv, storage = run(tmp_path)
+    folder = tmp_path / "store" / "datasets" / "syn"
+    # what a kill mid-write leaves: a temporary folder, and a version folder with no manifest
+    (folder / ".tmp-deadbeef" / "train").mkdir(parents=True)
+    (folder / ".tmp-deadbeef" / "train" / "part-0.parquet").write_bytes(b"PAR1 half")
+    (folder / dv.version / "_manifest.json").unlink()
+    assert list_versions(storage, "syn") == []
     with pytest.raises(LookupError, match="no committed versions"):
-        resolve_dataset(Storage.from_config(cfg), "nothing")
+        resolve_dataset(storage, "syn")
+    again, _ = run(tmp_path)
+    assert (
+        again.version == dv.version
+        and again.manifest["content_hash"] == dv.manifest["content_hash"]
+    )
+    assert [v.version for v in list_versions(storage, "syn")] == [dv.version]
+
+
+# --- bad input: each names the file (and column and row) and writes nothing -----------------------
+
+
+def bad_input(tmp_path, match: str, **data):
+    with pytest.raises(DataError, match=match):
+        run(tmp_path, **data)
+    assert stored(tmp_path) == []
+
+
+def test_missing_source(tmp_path):
+    bad_input(tmp_path, "raw data not found: .*nowhere", source=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    bad_input(tmp_path, "no data files under .*empty", source=tmp_path / "empty")
+
+
+def test_truncated_and_unreadable_shards(tmp_path):
+    paths = write_shards(tmp_path / "raw", small(300), 3)
+    paths[1].write_bytes(paths[1].read_bytes()[:200])
+    bad_input(tmp_path, r"part-1\.parquet: not a readable parquet file")
+    paths = write_shards(tmp_path / "csv", small(300), 3, fmt="csv")
+    paths[2].write_bytes(paths[2].read_bytes() + b'1,2,"unclosed\n')
+    bad_input(tmp_path, r"part-2\.csv: not a readable csv file", source=tmp_path / "csv")
+    paths = write_shards(tmp_path / "json", small(300), 2, fmt="json")
+    paths[1].write_bytes(paths[1].read_bytes() + b'{"id": 9999, "f1": \n')
+    bad_input(tmp_path, r"part-1\.jsonl: not a readable json file", source=tmp_path / "json")
+
+
+def test_missing_column_in_one_shard(tmp_path):
+    paths = write_shards(tmp_path / "raw", small(300), 3)
+    pq.write_table(pq.read_table(paths[2]).drop_columns(["f2"]), paths[2])
+    bad_input(tmp_path, r"part-2\.parquet: column\(s\) \['f2'\] missing")
+    bad_input(tmp_path, r"data.numeric: column\(s\) \['nope'\] not in the data", numeric=["nope"])
+
+
+def test_column_type_changed_between_shards(tmp_path):
+    paths = write_shards(tmp_path / "raw", small(300), 3, fmt="csv")
+    table = pacsv.read_csv(paths[1])
+    f2 = pa.array([str(v) for v in table.column("f2").to_pylist()])
+    f2 = pa.array(f2.to_pylist()[:5] + ["n/a?"] + f2.to_pylist()[6:])
+    pacsv.write_csv(table.set_column(2, "f2", f2), paths[1])
+    bad_input(tmp_path, r"part-1\.csv: column 'f2' row 5: 'n/a\?' is not a number")
+
+
+def test_label_outside_the_declared_classes(tmp_path):
+    table = small(300)
+    label = table.column("label").to_numpy().copy()
+    label[150 + 7] = 2
+    paths = write_shards(tmp_path / "raw", table.set_column(3, "label", pa.array(label)), 2)
+    bad_input(
+        tmp_path,
+        r"part-1\.parquet: column 'label' row 7: 2 is not one of the declared",
+        classes=[0, 1],
+    )
+    bad_input(tmp_path, "binary but column 'label' has 3 distinct value", source=paths[1].parent)
+    # the documented way round it: drop such rows and count them
+    dv, _ = run(tmp_path, classes=[0, 1], invalid_labels="drop")
+    assert dv.manifest["rows"]["dropped"]["invalid_label"] == 1
+
+
+def test_manifest_is_json_with_the_report(tmp_path):
+    write_shards(tmp_path / "raw", small(200), 2)
+    dv, _ = run(tmp_path)
+    text = (tmp_path / "store" / "datasets" / "syn" / dv.version / "_manifest.json").read_text()
+    m = json.loads(text)
+    for key in ("schema", "rows", "shards", "content_hash", "preprocessor", "gate", "config"):
+        assert key in m
+    assert m["preprocessor"]["version"] == 2 and m["columns"]["numeric"] == ["f1", "f2"]

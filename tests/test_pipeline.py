@@ -47,8 +47,9 @@ def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):
 def test_served_predictions_equal_the_offline_predictor(pipeline):
     cfg, result, _ = pipeline
     storage = Storage.from_config(cfg)
-    table = raw_test_rows(storage, result.dataset, limit=20)
-    features = result.dataset.manifest["features"]
+    table = raw_test_rows(cfg, result.dataset, limit=20)
+    assert table.num_rows == 20
+    features = result.dataset.preprocessor.inputs
     rows = [{c: r[c] for c in features} for r in table.to_pylist()]
     served = requests.post(f"{result.url}/predict", json=rows, timeout=30).json()["predictions"]
     offline = Predictor.from_storage(storage, result.model.path).predict_records(rows)
@@ -60,8 +61,7 @@ def test_served_predictions_equal_the_offline_predictor(pipeline):
 
 def test_bad_requests_get_4xx_naming_the_field_and_the_server_stays_up(pipeline):
     cfg, result, _ = pipeline
-    features = result.dataset.manifest["features"]
-    good = dict.fromkeys(features, 1.0)
+    good = dict.fromkeys(result.dataset.preprocessor.inputs, 1.0)
     url = f"{result.url}/predict"
     missing = {k: v for k, v in good.items() if k != "worst area"}
     r = requests.post(url, json=missing, timeout=10)
@@ -104,6 +104,9 @@ def test_stage_verbs_run_alone_against_storage(pipeline, tmp_path, capsys):
     assert '"dataset": "' + dataset in capsys.readouterr().out
     assert main(["data", "list", *at]) == 0
     assert dataset in capsys.readouterr().out
+    assert main(["data", "show", dataset, *at]) == 0
+    shown = capsys.readouterr().out
+    assert "content hash" in shown and "class_balance" in shown and "569 raw" in shown
 
 
 def test_use_gpu_without_gpus_fails_fast_with_a_message(pipeline):

@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig
-from dcml.data.sources import read_raw, resolve_files
+from dcml.data.sources import read_dataset, resolve_files
 from dcml.predictor import Predictor
 from dcml.storage import Storage
 
@@ -27,12 +27,12 @@ class _PredictBatch:
         self.id_col = id_col
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        p = self.predictor.predict_columns({c: batch.column(c) for c in self.predictor.features})
+        p = self.predictor.predict_columns({c: batch.column(c) for c in self.predictor.inputs})
         return pa.table(
             {
                 "id": batch.column(self.id_col),
                 "probability": pa.array(p.astype(np.float64)),
-                "label": pa.array((p >= self.predictor.threshold).astype(np.int64)),
+                "label": pa.array(self.predictor.labels(p)),
                 "model_version": pa.array([self.predictor.version] * len(p)),
             }
         )
@@ -45,9 +45,13 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     out_fs, out_path = fsspec.core.url_to_fs(output_uri, **storage.options)
     if out_fs.exists(out_path):
         raise FileExistsError(f"output {output_uri} exists; predictions never overwrite data")
-    fs, files = resolve_files(input_uri, cfg.data.format, storage.options)
-    ds = read_raw(files, cfg.data.format, fs)
+    fs, files, fmt = resolve_files(input_uri, cfg.data.format, storage.options)
+    ds = read_dataset(files, fmt, fs)
     id_col = mv.meta["config"]["data"]["id_column"]
+    if id_col is None:
+        raise ValueError(
+            f"model {mv.ref} was trained on data without an id column (data.id_column)"
+        )
     predictions = ds.map_batches(
         _PredictBatch,
         fn_constructor_args=(storage.uri(), storage.options, mv.path, id_col),

@@ -183,27 +183,77 @@ def models_promote(
 @data_app.command("list")
 def data_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     """Committed dataset versions, oldest first."""
+    import time
+
     from dcml.data.preprocess import list_versions
     from dcml.storage import Storage
 
     storage = Storage.from_config(_config(config, set_))
+    typer.echo(f"{'dataset':<32}{'created (UTC)':<22}{'train':>9}{'valid':>9}{'test':>9}  content")
     for name in storage.ls(storage.path("datasets")):
         for v in list_versions(storage, name):
-            rows = v.manifest["rows"]
+            m, rows = v.manifest, v.manifest["rows"]
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["created_at"]))
             typer.echo(
-                f"{v.ref}: train {rows['train']}, validation {rows['validation']}, "
-                f"test {rows['test']}"
+                f"{v.ref:<32}{created:<22}{rows['train']:>9}{rows['validation']:>9}"
+                f"{rows['test']:>9}  {m.get('content_hash', '')[:12]}"
             )
 
 
 @data_app.command("show")
-def data_show(ref: str, config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
-    """A dataset version's manifest."""
+def data_show(
+    ref: str = typer.Argument(..., help="NAME[@VERSION]; default: the latest version."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """A dataset version: source, rows by split and drop reason, features, the gate's report."""
+    from dcml.data.gate import CheckResult, GateReport
     from dcml.data.preprocess import resolve_dataset
     from dcml.storage import Storage
 
     dv = resolve_dataset(Storage.from_config(_config(config, set_)), ref)
-    typer.echo(json.dumps(dv.manifest, indent=2, sort_keys=True, default=str))
+    m = dv.manifest
+    if as_json:
+        typer.echo(json.dumps(m, indent=2, sort_keys=True, default=str))
+        return
+    rows = m["rows"]
+    dropped = ", ".join(f"{n} {why}" for why, n in rows["dropped"].items() if n) or "none"
+    cols = m["columns"]
+    report = GateReport([[CheckResult(**c) for c in r] for r in m["gate"]["rounds"]])
+    typer.echo(
+        f"dataset      {dv.ref}\n"
+        f"source       {m['source']} ({len(m['files'])} {m['format']} file(s))\n"
+        f"task         {m['task']}" + (f", classes {m['classes']}" if m["classes"] else "") + "\n"
+        f"rows         {rows['raw']} raw; train {rows['train']}, validation {rows['validation']}, "
+        f"test {rows['test']}; augmented {rows['augmented']}\n"
+        f"dropped      {dropped}\n"
+        f"inputs       {len(cols['numeric'])} numeric, {len(cols['categorical'])} categorical "
+        f"-> {len(m['features'])} model features\n"
+        f"shards       {len(m['shards'])}; content hash {m['content_hash']}\n"
+        f"gate\n{report.table()}"
+    )
+
+
+@data_app.command("synth")
+def data_synth(
+    rows: int = typer.Option(..., min=1, help="Rows in all."),
+    shards: int = typer.Option(8, min=1, help="Files to write them in."),
+    out: str = typer.Option(..., help="Output folder URI; must not exist."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet, csv or json (lines)."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives the same data."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Write synthetic data (numeric + categorical features, binary label, dirt) in parallel."""
+    from dcml.cluster import connect
+    from dcml.data.synth import write_synth
+
+    cfg = _config(config, set_)
+    connect(cfg.cluster)
+    files = write_synth(out, rows, shards, fmt, seed, cfg.storage.storage_options)
+    typer.echo(f"wrote {rows} rows in {len(files)} {fmt} file(s) under {out}")
+    _shutdown()
 
 
 def _block(cfg: PipelineConfig) -> None:

@@ -43,6 +43,9 @@ def connect(cfg: ClusterConfig) -> None:
         # address="local" never attaches to another `ray start` cluster on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, **common)
         _owned = "local"
+    if cfg.quiet:
+        # A failed Ray Data task logs its whole traceback; dcml reports the error itself.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def shutdown() -> None:
@@ -60,6 +63,7 @@ def shutdown() -> None:
         if _owned == "local":
             from ray import serve
 
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
             serve.shutdown()
     finally:
         ray.shutdown()

@@ -46,39 +46,135 @@ class StorageConfig(_Section):
     )
 
 
+Impute = Literal["mean", "median", "unknown", "drop"]
+
+
+class GateConfig(_Section):
+    rounds: int = Field(
+        2, ge=0, description="Rounds of repair before the gate gives up and stops the stage."
+    )
+    repair: Literal["drop", "impute", "none"] = Field(
+        "drop",
+        description="What a repair round does with rows that fail a check: drop them, or impute "
+        "(non-finite values become 0, the training mean after scaling; values out of range are "
+        "clipped). Rows with a bad label are always dropped.",
+    )
+    min_rows_per_split: int = Field(10, ge=1, description="Fewest rows a split may have.")
+    min_class_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Classification: the rarest class's least share per split."
+    )
+    max_abs_value: float = Field(
+        1e6, gt=0, description="Largest absolute value a transformed feature may take."
+    )
+
+
+class AugmentConfig(_Section):
+    """Training split only; off by default. Augmented rows keep the id of the row they copy."""
+
+    oversample: bool = Field(
+        False, description="Classification: repeat rows of rarer classes up to the largest one."
+    )
+    noise_std: float = Field(
+        0.0, ge=0.0, description="Gaussian noise (in scaled units) for noisy copies; 0 is off."
+    )
+    noise_copies: int = Field(1, ge=1, description="Noisy copies of each training row.")
+
+
 class DataConfig(_Section):
     name: str = Field("breast_cancer", description="Dataset name under datasets/ in storage.")
     source: str = Field(
         "bundled:breast_cancer",
         description="Raw data: 'bundled:breast_cancer' (collected into storage as Parquet shards) "
-        "or a URI of Parquet/CSV/JSON Lines files (a file, folder or glob).",
+        "or a URI of Parquet/CSV/JSON Lines files: a file, a folder or a glob, on any fsspec "
+        "filesystem (local, file://, s3://, gs://, memory://).",
     )
-    format: Literal["parquet", "csv", "json"] = Field("parquet", description="Raw file format.")
+    format: Literal["auto", "parquet", "csv", "json"] = Field(
+        "auto", description="Raw file format; auto goes by the file suffix."
+    )
+    storage_options: dict[str, Any] | None = Field(
+        None,
+        description="fsspec options for the source (credentials, endpoint_url, ...); "
+        "None uses storage.storage_options.",
+    )
     raw_shards: int = Field(4, ge=1, description="Shards written when collecting bundled data.")
     label: str = Field("label", description="Label column.")
-    id_column: str = Field("id", description="Row id column, kept through to predictions.")
-    features: list[str] | None = Field(
-        None, description="Feature columns; None infers every numeric column but label and id."
+    id_column: str | None = Field(
+        "id",
+        description="Row id column, kept through to predictions; None uses a hash of the row.",
     )
-    task: Literal["binary"] = Field("binary", description="Learning task.")
+    task: Literal["binary", "multiclass", "regression"] = Field(
+        "binary", description="Learning task."
+    )
+    classes: list[int | str | bool] | None = Field(
+        None,
+        description="Classification labels in order (the last of two is the positive class); "
+        "None infers them from the data. A label outside declared classes is bad input.",
+    )
+    invalid_labels: Literal["error", "drop"] = Field(
+        "error",
+        description="A label outside `classes` (or a non-finite regression target): stop with "
+        "an error naming the file and row, or drop the row and count it.",
+    )
+    numeric: list[str] | None = Field(
+        None, description="Numeric feature columns; None infers every numeric column left."
+    )
+    categorical: list[str] | None = Field(
+        None, description="Categorical feature columns; None infers every string column left."
+    )
+    impute: Literal["mean", "median", "drop"] = Field(
+        "mean", description="Missing numeric values: fill with the training mean/median, or drop."
+    )
+    impute_columns: dict[str, Impute] = Field(
+        default_factory=dict,
+        description="Per-column missing-value policy; categorical columns take 'unknown' "
+        "(the default: an unknown bucket) or 'drop'.",
+    )
+    dedupe: Literal["rows", "id", "none"] = Field(
+        "rows",
+        description="Drop duplicates: rows with equal features and label, or rows with an id "
+        "seen before; the first by file and row is kept.",
+    )
+    clip_quantiles: tuple[float, float] | None = Field(
+        (0.001, 0.999),
+        description="Clip numeric outliers to these training-split quantiles; None: no clipping.",
+    )
+    scaling: Literal["standard", "minmax", "none"] = Field(
+        "standard", description="Scaling fitted on the training split."
+    )
+    encoding: Literal["onehot", "ordinal"] = Field(
+        "onehot", description="Categorical encoding; both have an unknown bucket."
+    )
+    max_categories: int = Field(
+        64, ge=1, description="Most frequent categories kept per column; the rest are unknown."
+    )
+    min_category_count: int = Field(
+        1, ge=1, description="Categories seen fewer times in training are unknown."
+    )
     split: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.7, "validation": 0.15, "test": 0.15},
         description="Fractions of rows per split, by a seeded hash of the id.",
     )
-    scaling: Literal["standard", "none"] = Field(
-        "standard", description="Scaling fitted on the training split."
-    )
-    min_rows_per_split: int = Field(10, ge=1, description="Gate: fewest rows a split may have.")
-    repair_rounds: int = Field(
-        2, ge=0, description="Gate: rounds of repair (drop offending rows) before giving up."
-    )
+    gate: GateConfig = Field(default_factory=GateConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
-    def _check_split(self) -> DataConfig:
+    def _check(self) -> DataConfig:
         if set(self.split) != {"train", "validation", "test"}:
             raise ValueError("split must have exactly the keys train, validation, test")
         if any(v <= 0 for v in self.split.values()) or abs(sum(self.split.values()) - 1) > 1e-6:
             raise ValueError("split fractions must be positive and add up to 1")
+        if self.clip_quantiles is not None:
+            lo, hi = self.clip_quantiles
+            if not 0 <= lo < hi <= 1:
+                raise ValueError("clip_quantiles must be [low, high] with 0 <= low < high <= 1")
+        if self.task == "regression" and self.classes is not None:
+            raise ValueError("classes applies to classification; a regression has none")
+        if self.task == "binary" and self.classes is not None and len(self.classes) != 2:
+            raise ValueError("a binary task has exactly 2 classes")
+        if self.classes is not None and len({str(c).lower() for c in self.classes}) != len(
+            self.classes
+        ):
+            raise ValueError("classes must be distinct")
         return self
 
 

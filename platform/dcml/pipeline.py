@@ -16,11 +16,12 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig
+from dcml.data.clean import ReadAndClean
+from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, resolve_dataset
 from dcml.predictor import Predictor
 from dcml.storage import Storage
@@ -84,6 +85,7 @@ def stage_register(
     ckpt_meta = storage.read_json(f"{checkpoint_path}/{META}")
     meta = {
         "task": dataset.manifest["task"],
+        "classes": dataset.manifest["classes"],
         "features": dataset.manifest["features"],
         "preprocessor": dataset.manifest["preprocessor"],
         "model_spec": ckpt_meta["model_spec"],
@@ -113,23 +115,50 @@ def stage_register(
     return mv
 
 
-def raw_test_rows(storage: Storage, dataset: DatasetVersion, limit: int | None = None) -> pa.Table:
-    """The raw (untransformed) source rows of the test split, as a client would send them."""
-    ids, _, _ = read_split_numpy(storage, dataset, "test")
-    ids = ids[:limit] if limit else ids
+def raw_test_rows(
+    cfg: PipelineConfig, dataset: DatasetVersion, limit: int | None = None
+) -> pa.Table:
+    """Raw (untransformed) rows of the test split, as a client would send them.
+
+    The source files are read and cleaned again with the same code, which gives every row the
+    same id and split as in preprocessing; the label comes back as its class index.
+    """
     m = dataset.manifest
-    source = m["source"]
-    fs = (
-        storage.fs
-        if source.startswith("bundled:")
-        else fsspec.core.url_to_fs(source, **storage.options)[0]
+    d = cfg.data
+    storage = Storage.from_config(cfg)
+    options = (
+        storage.options
+        if d.storage_options is None or m["source"].startswith("bundled:")
+        else d.storage_options
     )
-    fmt = "parquet" if source.startswith("bundled:") else m["config"]["data"]["format"]
-    table = pads.dataset(
-        m["files"], filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)), format=fmt
-    ).to_table()
-    id_col = m["config"]["data"]["id_column"]
-    return table.filter(pc.is_in(table.column(id_col), pa.array(ids)))
+    fs = fsspec.core.url_to_fs(m["files"][0], **options)[0]
+    cols = Columns(**m["columns"])
+    clean = ReadAndClean(
+        fs,
+        m["files"],
+        m["format"],
+        cols,
+        m["config"]["seed"],
+        m["config"]["data"]["split"],
+        "none",
+        "drop",
+    )
+    keys = [class_key(c) for c in m["classes"] or []]
+    parts, n = [], 0
+    for i in range(len(m["files"])):
+        t = clean({"file": np.array([i])})
+        t = t.filter(pc.and_(pc.equal(t.column("_split"), "test"), pc.equal(t.column("_drop"), 0)))
+        label = (
+            pc.index_in(t.column("_label"), value_set=pa.array(keys, pa.string()))
+            if keys
+            else t.column("_label")
+        )
+        parts.append(t.select(["id", *cols.features]).append_column("label", label))
+        n += t.num_rows
+        if limit and n >= limit:
+            break
+    table = pa.concat_tables(parts)
+    return table.slice(0, limit) if limit else table
 
 
 @dataclass
@@ -145,12 +174,13 @@ def query_served_model(
     url: str,
     table: pa.Table,
     features: list[str],
-    label: str,
-    id_col: str,
     token: str | None = None,
     batch: int = 64,
 ) -> tuple[dict[str, float], list[dict]]:
-    """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels."""
+    """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels.
+
+    `table` holds the input columns, `id` and `label` (the class index).
+    """
     import requests
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -163,8 +193,8 @@ def query_served_model(
         resp.raise_for_status()
         for r, p in zip(chunk, resp.json()["predictions"], strict=True):
             probs.append(p["probability"])
-            answered.append({"id": r[id_col], "true": r[label], **p})
-    y = np.array([r[label] for r in rows])
+            answered.append({"id": r["id"], "true": r["label"], **p})
+    y = np.array([r["label"] for r in rows])
     return binary_metrics(y, np.array(probs)), answered
 
 
@@ -200,21 +230,16 @@ def run_pipeline(
 
     url = deploy(cfg, f"{cfg.name}@production")
     log(f"serving {model.ref} (alias production) at {url}/predict")
-    table = raw_test_rows(storage, dataset)
-    m = dataset.manifest
+    table = raw_test_rows(cfg, dataset)
     metrics, answered = query_served_model(
-        url,
-        table,
-        m["features"],
-        m["config"]["data"]["label"],
-        m["config"]["data"]["id_column"],
-        cfg.serve.auth_token,
+        url, table, dataset.preprocessor.inputs, cfg.serve.auth_token
     )
     shown = answered[: cfg.serve.demo_rows]
     if shown:
         log(f"{'id':>6} {'true':>5} {'pred':>5} {'probability':>12}")
         for a in shown:
-            log(f"{a['id']:>6} {a['true']:>5} {a['label']:>5} {a['probability']:>12.4f}")
+            true = dataset.manifest["classes"][a["true"]]
+            log(f"{a['id']:>6} {true!s:>5} {a['label']!s:>5} {a['probability']:>12.4f}")
     log(
         f"served model on the test split ({len(answered)} rows over HTTP): "
         f"accuracy {metrics['accuracy']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"

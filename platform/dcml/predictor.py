@@ -21,8 +21,9 @@ MODEL_JSON = "model.json"
 class Predictor:
     def __init__(self, weights: bytes, meta: dict[str, Any], device: str = "cpu"):
         self.meta = meta
-        self.features: list[str] = meta["features"]
         self.preprocessor = Preprocessor.from_json(meta["preprocessor"])
+        self.inputs: list[str] = self.preprocessor.inputs  # raw columns a record must hold
+        self.classes: list[Any] = meta.get("classes") or [0, 1]
         self.threshold: float = meta.get("threshold", 0.5)
         self.device = torch.device(device)
         self.model = build_model(meta["model_spec"])
@@ -57,14 +58,22 @@ class Predictor:
         """Raw feature columns by name -> probabilities, with the training preprocessor."""
         return self.predict_features(self.preprocessor.transform(columns))
 
+    def labels(self, probs: np.ndarray) -> list[Any]:
+        """Positive-class probabilities -> class labels as the data spelled them."""
+        return [self.classes[int(p >= self.threshold)] for p in probs]
+
     def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        columns = {c: np.array([r[c] for r in records], dtype=np.float64) for c in self.features}
+        columns: dict[str, Any] = {
+            c: np.array([r[c] for r in records], dtype=np.float64)
+            for c in self.preprocessor.numeric
+        }
+        columns.update({c: [r[c] for r in records] for c in self.preprocessor.categorical})
         probs = self.predict_columns(columns)
         return [
             {
-                "label": int(p >= self.threshold),
+                "label": label,
                 "probability": float(p),
                 "model_version": self.version,
             }
-            for p in probs
+            for p, label in zip(probs, self.labels(probs), strict=True)
         ]

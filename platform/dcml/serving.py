@@ -31,10 +31,14 @@ class ServeArgs(BaseModel):
     auth_token: str | None = None
 
 
-def record_model(features: list[str]) -> type[BaseModel]:
-    """A request record: every feature by its column name, finite numbers only, nothing else."""
+def record_model(numeric: list[str], categorical: list[str]) -> type[BaseModel]:
+    """A request record: every input column by name (finite numbers, or category text), no more."""
     finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-    fields = {f"f{i}": (finite, Field(alias=name)) for i, name in enumerate(features)}
+    text = Annotated[str, Field(strict=True, max_length=1024)]
+    fields: dict[str, Any] = {
+        f"f{i}": (finite, Field(alias=name)) for i, name in enumerate(numeric)
+    }
+    fields.update({f"c{i}": (text, Field(alias=name)) for i, name in enumerate(categorical)})
     return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -84,7 +88,8 @@ def _field_name(loc: tuple) -> str:
 def build_http_app(
     predictor: Predictor, max_request_bytes: int, auth_token: str | None, model_ref: str = ""
 ) -> FastAPI:
-    Record = record_model(predictor.features)
+    pre = predictor.preprocessor
+    Record = record_model(pre.numeric, pre.categorical)
     app = FastAPI(title="dcml model server", version=str(predictor.meta.get("version")))
 
     def check_token(request: Request) -> None:
@@ -126,7 +131,8 @@ def build_http_app(
             "version": m.get("version"),
             "ref": model_ref,
             "task": m.get("task", "binary"),
-            "features": predictor.features,
+            "inputs": {"numeric": pre.numeric, "categorical": pre.categorical},
+            "classes": predictor.classes,
             "metrics": m.get("metrics", {}),
             "lineage": m.get("lineage", {}),
         }

@@ -91,6 +91,19 @@ class Storage:
         else:
             self.fs.mv(tmp, final, recursive=True)
 
+    def commit_with_marker(self, tmp: str, final: str, marker: str, obj: Any) -> None:
+        """Commit a folder whose marker file says it is complete.
+
+        Locally the marker goes in before the one rename; on object stores, where the move is a
+        copy, it is written after the move, so a half-copied folder never has one.
+        """
+        if self.is_local:
+            self.write_json(f"{tmp}/{marker}", obj)
+            self.commit_dir(tmp, final)
+        else:
+            self.commit_dir(tmp, final)
+            self.write_json(f"{final}/{marker}", obj)
+
     def remove(self, path: str) -> None:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)

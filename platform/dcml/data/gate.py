@@ -1,14 +1,13 @@
 """The validation gate: checks over every shard after preprocessing, bounded repair, a report.
 
 This is the seed's "preprocessing done? if not, preprocess again": failed checks that have a repair
-(dropping the offending rows) are repaired and everything is checked again, at most `rounds` times;
-otherwise the stage stops with a report naming the check, column, split, file and example rows.
-Nothing is committed unless the gate passes.
+(drop, or impute, the offending rows) are repaired and everything is checked again, at most
+`rounds` times; otherwise the stage stops with a report naming the check, column, split, file and
+example rows. Nothing is committed unless the gate passes.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dcml.config import GateConfig
 from dcml.data.split import SPLITS
+from dcml.data.transforms import json_partials
 
 EXAMPLES = 3
 
@@ -41,7 +42,8 @@ class CheckResult:
 @dataclass
 class GateReport:
     rounds: list[list[CheckResult]] = field(default_factory=list)
-    repaired_rows: int = 0
+    dropped_rows: int = 0  # by repairs
+    imputed_values: int = 0  # by repairs
 
     @property
     def passed(self) -> bool:
@@ -50,127 +52,202 @@ class GateReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "repaired_rows": self.repaired_rows,
+            "dropped_rows": self.dropped_rows,
+            "imputed_values": self.imputed_values,
             "rounds": [[asdict(c) for c in r] for r in self.rounds],
         }
 
     def table(self) -> str:
-        lines = [f"{'round':<6}{'check':<16}{'result':<8}detail"]
+        lines = [f"{'round':<6}{'check':<15}{'result':<8}detail"]
         for i, checks in enumerate(self.rounds):
             for c in checks:
-                detail = c.detail + (f"; e.g. {c.examples}" if c.examples and not c.passed else "")
-                lines.append(f"{i:<6}{c.check:<16}{'pass' if c.passed else 'FAIL':<8}{detail}")
+                detail = c.detail
+                if c.examples and not c.passed:
+                    detail += "; e.g. " + ", ".join(
+                        f"{e['file']} row {e['row']} (id {e['id']})" for e in c.examples
+                    )
+                lines.append(f"{i:<6}{c.check:<15}{'pass' if c.passed else 'FAIL':<8}{detail}")
         return "\n".join(lines)
 
 
-def _bad_mask(batch: pa.Table, features: list[str], classes: list[int]) -> tuple[dict, np.ndarray]:
-    """Per-feature masks of non-finite values, and the mask of labels outside `classes`."""
-    masks = {}
-    for c in features:
-        v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-        masks[c] = ~np.isfinite(v)
-    label = batch.column("label").to_numpy(zero_copy_only=False)
-    bad_label = ~np.isin(label, classes)
-    return masks, bad_label
+@dataclass(frozen=True)
+class GateSpec:
+    features: list[str]
+    task: str
+    n_classes: int  # 0 for regression
+    files: list[str]
+    config: GateConfig
+
+    def problems(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        """Per-row masks of repairable problems, keyed 'check:column'."""
+        masks = {}
+        for c in self.features:
+            v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+            finite = np.isfinite(v)
+            masks[f"finite:{c}"] = ~finite
+            masks[f"value_range:{c}"] = finite & (np.abs(v) > self.config.max_abs_value)
+        masks["label_domain:label"] = self.bad_labels(batch.column("label"))
+        return masks
+
+    def bad_labels(self, label: pa.ChunkedArray) -> np.ndarray:
+        v = label.to_numpy(zero_copy_only=False).astype(np.float64)
+        if self.task == "regression":
+            return ~np.isfinite(v)
+        return ~np.isfinite(v) | (v < 0) | (v >= self.n_classes) | (v != np.round(v))
+
+    def expected_types(self) -> dict[str, pa.DataType]:
+        types = dict.fromkeys(self.features, pa.float32())
+        types["label"] = pa.float64() if self.task == "regression" else pa.int64()
+        return types
 
 
-def _batch_stats(features: list[str], classes: list[int]):
-    def stats(batch: pa.Table) -> pa.Table:
-        masks, bad_label = _bad_mask(batch, features, classes)
+def _block_stats(spec: GateSpec):
+    def stats(batch: pa.Table) -> dict:
         split = batch.column("_split").to_numpy(zero_copy_only=False)
-        label = batch.column("label").to_numpy(zero_copy_only=False)
         ids = batch.column("id").to_pylist()
-        paths = batch.column("path").to_pylist() if "path" in batch.column_names else None
+        files = batch.column("_file").to_numpy(zero_copy_only=False)
+        rows = batch.column("_row").to_numpy(zero_copy_only=False)
 
         def examples(mask: np.ndarray) -> list[dict]:
-            rows = np.flatnonzero(mask)[:EXAMPLES]
-            return [{"id": ids[i], "file": paths[i] if paths else None} for i in rows]
+            return [
+                {"id": ids[i], "file": spec.files[files[i]], "row": int(rows[i])}
+                for i in np.flatnonzero(mask)[:EXAMPLES]
+            ]
 
+        schema = {
+            c: f"{batch.schema.field(c).type} (expected {t})"
+            if c in batch.column_names
+            else "absent"
+            for c, t in spec.expected_types().items()
+            if c not in batch.column_names or batch.schema.field(c).type != t
+        }
         out = {
             "rows": {s: int((split == s).sum()) for s in SPLITS},
-            "positives": {s: int(((split == s) & (label == 1)).sum()) for s in SPLITS},
-            "nonfinite": {c: [int(m.sum()), examples(m)] for c, m in masks.items() if m.any()},
-            "bad_label": [int(bad_label.sum()), examples(bad_label)],
+            "schema": schema,
+            "problems": {
+                k: [int(m.sum()), examples(m)] for k, m in spec.problems(batch).items() if m.any()
+            },
+            "classes": {},
         }
-        return pa.table({"stats": [json.dumps(out)]})
+        if spec.n_classes:
+            label = batch.column("label").to_numpy(zero_copy_only=False)
+            for s in SPLITS:
+                counts = np.bincount(
+                    label[(split == s) & (label >= 0) & (label < spec.n_classes)].astype(int),
+                    minlength=spec.n_classes,
+                )
+                out["classes"][s] = counts.tolist()
+        return out
 
     return stats
 
 
-def _merge(parts: list[dict]) -> dict:
-    total = {"rows": dict.fromkeys(SPLITS, 0), "positives": dict.fromkeys(SPLITS, 0)}
-    total["nonfinite"], total["bad_label"] = {}, [0, []]
-    for p in parts:
+def run_checks(ds, spec: GateSpec) -> tuple[list[CheckResult], dict]:
+    total: dict[str, Any] = {
+        "rows": dict.fromkeys(SPLITS, 0),
+        "schema": {},
+        "problems": {},
+        "classes": {s: [0] * spec.n_classes for s in SPLITS},
+    }
+    for p in json_partials(ds, _block_stats(spec)):
         for s in SPLITS:
             total["rows"][s] += p["rows"][s]
-            total["positives"][s] += p["positives"][s]
-        for c, (n, ex) in p["nonfinite"].items():
-            cur = total["nonfinite"].setdefault(c, [0, []])
+            if spec.n_classes:
+                total["classes"][s] = [a + b for a, b in zip(total["classes"][s], p["classes"][s])]
+        total["schema"].update(p["schema"])
+        for k, (n, ex) in p["problems"].items():
+            cur = total["problems"].setdefault(k, [0, []])
             cur[0] += n
             cur[1] = (cur[1] + ex)[:EXAMPLES]
-        total["bad_label"][0] += p["bad_label"][0]
-        total["bad_label"][1] = (total["bad_label"][1] + p["bad_label"][1])[:EXAMPLES]
-    return total
 
-
-def run_checks(ds, features: list[str], classes: list[int], min_rows: int) -> list[CheckResult]:
-    parts = ds.map_batches(_batch_stats(features, classes), batch_format="pyarrow").take_all()
-    s = _merge([json.loads(p["stats"]) for p in parts])
+    cfg = spec.config
     checks: list[CheckResult] = []
-    for c, (n, ex) in sorted(s["nonfinite"].items()):
-        checks.append(
-            CheckResult("finite", False, f"{n} non-finite value(s) in {c!r}", c, None, ex, True)
-        )
-    if not s["nonfinite"]:
-        checks.append(CheckResult("finite", True, f"all {len(features)} features finite"))
-    n, ex = s["bad_label"]
-    checks.append(
-        CheckResult(
-            "label_domain", n == 0, f"{n} label(s) outside {classes}", "label", None, ex, True
-        )
-    )
-    for split in SPLITS:
-        rows, pos = s["rows"][split], s["positives"][split]
+    for c, problem in sorted(total["schema"].items()):
+        checks.append(CheckResult("schema", False, f"{c!r}: {problem}", c))
+    if not total["schema"]:
+        checks.append(CheckResult("schema", True, f"{len(spec.features)} float32 features, label"))
+    for name, what in [
+        ("finite", "non-finite value(s)"),
+        ("value_range", f"value(s) beyond +-{cfg.max_abs_value:g}"),
+        ("label_domain", "label(s) outside the task's domain"),
+    ]:
+        found = sorted(k for k in total["problems"] if k.startswith(name + ":"))
+        for k in found:
+            n, ex = total["problems"][k]
+            col = k.split(":", 1)[1]
+            checks.append(CheckResult(name, False, f"{n} {what} in {col!r}", col, None, ex, True))
+        if not found:
+            checks.append(CheckResult(name, True, f"no {what}"))
+    for s in SPLITS:
+        rows = total["rows"][s]
         checks.append(
             CheckResult(
-                "min_rows", rows >= min_rows, f"{split}: {rows} rows (min {min_rows})", split=split
+                "min_rows",
+                rows >= cfg.min_rows_per_split,
+                f"{s}: {rows} rows (min {cfg.min_rows_per_split})",
+                split=s,
             )
         )
-        checks.append(
-            CheckResult(
-                "class_balance",
-                0 < pos < rows,
-                f"{split}: {pos} positive of {rows}; both classes needed",
-                "label",
-                split,
+        if spec.n_classes:
+            counts = total["classes"][s]
+            least = min(counts) / max(rows, 1)
+            ok = min(counts) > 0 and least >= cfg.min_class_fraction
+            checks.append(
+                CheckResult(
+                    "class_balance",
+                    ok,
+                    f"{s}: rows per class {counts}; each class needed"
+                    + (
+                        f", at least {cfg.min_class_fraction:.1%}" if cfg.min_class_fraction else ""
+                    ),
+                    "label",
+                    s,
+                )
             )
-        )
-    return checks
+    return checks, total
 
 
-def repair(ds, features: list[str], classes: list[int]):
-    """Drop the rows that fail a repairable check (non-finite features, labels out of domain)."""
+def repair(ds, spec: GateSpec, mode: str):
+    """Drop the rows that fail a repairable check, or impute them (labels are always dropped)."""
+    limit = spec.config.max_abs_value
 
-    def drop_bad(batch: pa.Table) -> pa.Table:
-        masks, bad_label = _bad_mask(batch, features, classes)
-        bad = np.logical_or.reduce([bad_label, *masks.values()])
-        return batch.filter(pc.invert(pa.array(bad)))
+    def fix(batch: pa.Table) -> pa.Table:
+        masks = spec.problems(batch)
+        if mode == "drop":
+            bad = np.logical_or.reduce(list(masks.values()))
+            return batch.filter(pc.invert(pa.array(bad)))
+        for c in spec.features:
+            v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            v = np.clip(np.nan_to_num(v, nan=0.0, posinf=limit, neginf=-limit), -limit, limit)
+            batch = batch.set_column(batch.schema.get_field_index(c), c, pa.array(v))
+        return batch.filter(pc.invert(pa.array(masks["label_domain:label"])))
 
-    return ds.map_batches(drop_bad, batch_format="pyarrow").materialize()
+    return ds.map_batches(fix, batch_format="pyarrow", batch_size=None).materialize()
 
 
-def run_gate(ds, features: list[str], classes: list[int], min_rows: int, rounds: int):
-    """Check, repair and re-check; return (dataset, report) or raise GateError."""
+def run_gate(ds, spec: GateSpec) -> tuple[Any, GateReport, dict]:
+    """Check, repair and re-check; return (dataset, report, the last round's totals)."""
     report = GateReport()
-    before = ds.count()
+    rounds = spec.config.rounds
+    first_rows = None
     for attempt in range(rounds + 1):
-        checks = run_checks(ds, features, classes, min_rows)
+        checks, totals = run_checks(ds, spec)
         report.rounds.append(checks)
+        rows = sum(totals["rows"].values())
+        first_rows = rows if first_rows is None else first_rows
+        report.dropped_rows = first_rows - rows
         failed = [c for c in checks if not c.passed]
         if not failed:
-            report.repaired_rows = before - ds.count()
-            return ds, report
-        if attempt == rounds or not all(c.repairable for c in failed):
+            return ds, report, totals
+        if (
+            attempt == rounds
+            or spec.config.repair == "none"
+            or not all(c.repairable for c in failed)
+        ):
             raise GateError(report)
-        ds = repair(ds, features, classes)
+        if spec.config.repair == "impute":
+            report.imputed_values += sum(
+                n for k, (n, _) in totals["problems"].items() if not k.startswith("label")
+            )
+        ds = repair(ds, spec, spec.config.repair)
     raise AssertionError("unreachable")

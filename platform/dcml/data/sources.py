@@ -1,19 +1,27 @@
-"""Raw data: the bundled data set, collected into storage as shards, and reading raw shards."""
+"""Raw data: finding shards on any fsspec URI, reading one shard, and the bundled data set.
+
+Each raw file is read by one Ray Data task with `read_file`, so a file that cannot be read, lacks a
+column or changed a column's type stops the stage with an error that names that file.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
+from dcml.data.errors import DataError
 from dcml.storage import Storage
 
 BUNDLED = {"breast_cancer"}
-SUFFIXES = {"parquet": (".parquet",), "csv": (".csv",), "json": (".json", ".jsonl")}
+SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "json": (".json", ".jsonl")}
 
 
 def breast_cancer_table() -> pa.Table:
@@ -30,54 +38,114 @@ def breast_cancer_table() -> pa.Table:
 
 
 def collect_bundled(storage: Storage, name: str, shards: int) -> str:
-    """Write a bundled data set as Parquet shards under raw/<name>/ once; return that folder."""
+    """Write a bundled data set as Parquet shards under raw/<name>/ once; return its URI."""
     if name not in BUNDLED:
-        raise ValueError(
-            f"unknown bundled data set {name!r}; bundled: {', '.join(sorted(BUNDLED))}"
-        )
+        raise DataError(f"unknown bundled data set {name!r}; bundled: {', '.join(sorted(BUNDLED))}")
     final = storage.path("raw", name)
-    if storage.exists(final):
-        return final
-    table = breast_cancer_table()
-    parent = storage.path("raw")
-    storage.fs.makedirs(parent, exist_ok=True)
-    tmp = storage.tmp_dir(parent)
-    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
-    for i in range(shards):
-        buf = io.BytesIO()
-        pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), buf)
-        with storage.fs.open(f"{tmp}/part-{i:05d}.parquet", "wb") as f:
-            f.write(buf.getvalue())
-    try:
-        storage.commit_dir(tmp, final)
-    except FileExistsError:  # another process collected it first: theirs is as good
-        storage.remove(tmp)
-    return final
+    if not storage.exists(final):
+        table = breast_cancer_table()
+        parent = storage.path("raw")
+        storage.fs.makedirs(parent, exist_ok=True)
+        tmp = storage.tmp_dir(parent)
+        bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+        for i in range(shards):
+            buf = io.BytesIO()
+            pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), buf)
+            with storage.fs.open(f"{tmp}/part-{i:05d}.parquet", "wb") as f:
+                f.write(buf.getvalue())
+        try:
+            storage.commit_dir(tmp, final)
+        except FileExistsError:  # another process collected it first: theirs is as good
+            storage.remove(tmp)
+    return storage.to_uri(final)
+
+
+def format_of(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1].lower()
+    for fmt, suffixes in SUFFIXES.items():
+        if name.endswith(suffixes):
+            return fmt
+    return None
 
 
 def resolve_files(
     uri: str, fmt: str, storage_options: dict
-) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """A file, a folder or a glob -> the sorted list of data files in it."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
+    """A file, a folder or a glob -> (filesystem, sorted data files, their format)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"{uri}: cannot open this location: {e}") from e
     if any(ch in path for ch in "*?["):
         files = fs.glob(path)
     elif fs.isdir(path):
-        files = [p for p in fs.find(path) if p.rsplit("/", 1)[-1].endswith(SUFFIXES[fmt])]
+        files = [p for p in fs.find(path) if fmt != "auto" or format_of(p)]
+        if fmt != "auto":
+            files = [p for p in files if format_of(p) in (fmt, None)]
     elif fs.exists(path):
         files = [path]
     else:
-        raise FileNotFoundError(f"raw data not found: {uri}")
+        raise DataError(f"raw data not found: {uri}")
     files = sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith((".", "_")))
+    if not isinstance(fs, LocalFileSystem):  # full URIs: for messages, and fs.open takes them
+        files = [fs.unstrip_protocol(f) for f in files]
     if not files:
-        raise FileNotFoundError(f"no {fmt} files under {uri}")
-    return fs, files
+        raise DataError(f"no {'data' if fmt == 'auto' else fmt} files under {uri}")
+    if fmt == "auto":
+        found = {format_of(f) for f in files}
+        if None in found or len(found) != 1:
+            raise DataError(
+                f"{uri}: cannot tell the format from the file names ({files[0]}, ...); "
+                "set data.format to parquet, csv or json"
+            )
+        fmt = found.pop()
+    return fs, files, fmt
 
 
-def read_raw(files: list[str], fmt: str, fs: fsspec.AbstractFileSystem):
-    """Read raw shards into a Ray Dataset (one read task per file or more)."""
+def read_file(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> pa.Table:
+    """One raw file -> an Arrow table; any failure names the file."""
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        if fmt == "parquet":
+            return pq.read_table(io.BytesIO(data))
+        if fmt == "csv":
+            return pacsv.read_csv(io.BytesIO(data))
+        return _read_json_lines(data)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable {fmt} file: {e}") from e
+
+
+def read_schema(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> pa.Schema:
+    if fmt == "parquet":
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
+    return read_file(fs, path, fmt).schema
+
+
+def _read_json_lines(data: bytes) -> pa.Table:
+    try:
+        return pajson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid:
+        # Arrow's JSON reader gives no line numbers; find the first bad line for the message.
+        for n, line in enumerate(data.decode().splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {n}: {e.msg}") from e
+        raise
+
+
+def read_dataset(files: list[str], fmt: str, fs: fsspec.AbstractFileSystem):
+    """Raw files as a Ray Dataset with Ray's own readers (batch inference: no cleaning)."""
+    import pyarrow.fs as pafs
     import ray.data
-    from fsspec.implementations.local import LocalFileSystem
 
     filesystem = (
         None if isinstance(fs, LocalFileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
@@ -87,4 +155,4 @@ def read_raw(files: list[str], fmt: str, fs: fsspec.AbstractFileSystem):
         "csv": ray.data.read_csv,
         "json": ray.data.read_json,
     }
-    return reader[fmt](files, filesystem=filesystem, include_paths=True)
+    return reader[fmt]([fs._strip_protocol(f) for f in files], filesystem=filesystem)

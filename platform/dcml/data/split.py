@@ -1,6 +1,7 @@
-"""Deterministic train/validation/test split by a seeded hash of the row id.
+"""Seeded row hashes: the deterministic train/validation/test split and duplicate detection.
 
-The same id lands in the same split whatever the shard layout, block size or number of workers.
+A row's split depends only on its id (or, without an id column, on its content) and the seed, so
+the same row lands in the same split whatever the shard layout, block size or number of workers.
 """
 
 from __future__ import annotations
@@ -9,12 +10,36 @@ import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "validation", "test")
+_KEY = "dcml-split-hash0"  # pandas' siphash key for strings: 16 characters
 
 
-def assign_splits(ids: np.ndarray, seed: int, fractions: dict[str, float]) -> np.ndarray:
-    key = f"dcml{seed:012d}"[-16:]  # pandas' siphash takes a 16-character key
-    hashed = pd.util.hash_array(np.asarray(ids).astype(str).astype(object), hash_key=key)
-    u = hashed.astype(np.float64) / 2.0**64
+def hash64(values: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded 64-bit hash per value (numbers hashed by value, anything else as a string)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iub":
+        h = pd.util.hash_array(values.astype(np.int64), categorize=False)
+    elif values.dtype.kind == "f":
+        h = pd.util.hash_array(values.astype(np.float64), categorize=False)
+    else:  # strings (None allowed)
+        h = pd.util.hash_array(values.astype(object), hash_key=_KEY, categorize=False)
+    salt = pd.util.hash_array(np.array([seed], dtype=np.int64), categorize=False)[0]
+    return pd.util.hash_array(h ^ salt, categorize=False)
+
+
+def combine(hashes: list[np.ndarray]) -> np.ndarray:
+    """One hash per row from per-column hashes (order matters)."""
+    out = np.zeros(len(hashes[0]), dtype=np.uint64)
+    for h in hashes:
+        out = pd.util.hash_array(out * np.uint64(1_000_003) ^ h, categorize=False)
+    return out
+
+
+def unit_interval(hashes: np.ndarray) -> np.ndarray:
+    return (hashes >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def assign_splits(u: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
+    """Uniform hash values in [0, 1) -> split names."""
     cut_train = fractions["train"]
     cut_val = cut_train + fractions["validation"]
     return np.where(u < cut_train, "train", np.where(u < cut_val, "validation", "test"))

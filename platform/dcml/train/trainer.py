@@ -150,6 +150,11 @@ def build_trainer(
     )
     from ray.train.torch import TorchTrainer
 
+    if dataset.manifest["task"] != "binary":
+        raise ValueError(
+            f"dataset {dataset.ref} has task {dataset.manifest['task']!r}; training supports "
+            "binary classification so far (multiclass and regression heads are not built yet)"
+        )
     workers = workers or cfg.train.workers
     check_resources(cfg, workers)
     fs = storage.arrow_fs()
