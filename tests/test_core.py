@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
 
 from dcml.data.sources import breast_cancer_table
-from dcml.data.split import assign_splits, hash64, unit_interval
+from dcml.data.split import SPLITS, assign_splits, hash64, unit_interval
 from dcml.data.transforms import Preprocessor
 from dcml.predictor import Predictor
 from dcml.serving import build_http_app
@@ -22,7 +22,7 @@ FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 
 
 def split_of(ids, seed=0):
-    return assign_splits(unit_interval(hash64(ids, seed)), FRACTIONS)
+    return np.asarray(SPLITS)[assign_splits(unit_interval(hash64(ids, seed)), FRACTIONS)]
 
 
 def test_split_is_a_function_of_the_id_alone():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -112,6 +113,16 @@ def test_cleaning_counts_every_dropped_row_and_encodes_categories(tmp_path):
     # missing categories land in the unknown bucket; missing numbers are imputed
     assert x[:, m["features"].index("color=<unknown>")].sum() > 0
     assert np.isfinite(x).all()
+
+    # serving's path (raw columns through the stored preprocessor state) gives the stored rows
+    test_ids, test_x, _ = read_split_numpy(storage, dv, "test")
+    raw = table.filter(pc.is_in(table.column("id"), pa.array(test_ids)))
+    _, first = np.unique(raw.column("id").to_numpy(), return_index=True)
+    raw = raw.take(pa.array(first))  # ids are unique: copies of a row are equal
+    by_id = np.argsort(test_ids)
+    np.testing.assert_allclose(
+        pre.transform({c: raw.column(c) for c in pre.inputs}), test_x[by_id], rtol=1e-6
+    )
 
 
 def test_split_depends_on_the_id_not_the_layout_or_format(tmp_path):

@@ -147,7 +147,7 @@ def raw_test_rows(
     parts, n = [], 0
     for i in range(len(m["files"])):
         t = clean({"file": np.array([i])})
-        t = t.filter(pc.and_(pc.equal(t.column("_split"), "test"), pc.equal(t.column("_drop"), 0)))
+        t = t.filter(pc.and_(pc.equal(t.column("_split"), 2), pc.equal(t.column("_drop"), 0)))
         label = (
             pc.index_in(t.column("_label"), value_set=pa.array(keys, pa.string()))
             if keys

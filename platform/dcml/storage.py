@@ -88,8 +88,12 @@ class Storage:
             raise FileExistsError(f"{final} already exists; stored data is never overwritten")
         if self.is_local:
             os.rename(tmp, final)
-        else:
-            self.fs.mv(tmp, final, recursive=True)
+        else:  # object stores: copy file by file (s3fs's recursive mv trips on folder keys)
+            sources = self.fs.find(tmp)
+            targets = [final + src[len(tmp) :] for src in sources]
+            if sources:
+                self.fs.copy(sources, targets)
+            self.fs.rm(tmp, recursive=True)
 
     def commit_with_marker(self, tmp: str, final: str, marker: str, obj: Any) -> None:
         """Commit a folder whose marker file says it is complete.

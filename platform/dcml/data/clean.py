@@ -1,8 +1,9 @@
 """Reading and cleaning raw files: one Ray Data task per file.
 
-Each file becomes a table of typed columns plus bookkeeping: `_split` and `_u` (the seeded hash that
-picks the split), `_dup` (the hash that finds duplicates), `_file`/`_row` (where the row came from,
-for error messages and the gate's examples) and `_drop` (why a row will be dropped, 0 to keep it).
+Each file becomes a table of typed columns plus bookkeeping: `_split` (0 train, 1 validation,
+2 test) and `_u` (the seeded hash that picks it), `_dup` (the hash that finds duplicates),
+`_file`/`_row` (where the row came from, for error messages and the gate's examples) and `_drop`
+(why a row will be dropped, 0 to keep it).
 Rows are marked, not removed, so that every removal is counted by reason.
 """
 
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 from dcml.data.columns import Columns, class_key, is_numeric
 from dcml.data.errors import DataError
 from dcml.data.sources import read_file
-from dcml.data.split import assign_splits, combine, hash64, unit_interval
+from dcml.data.split import assign_splits, combine, hash64, hash_text, unit_interval
 
 KEEP, MISSING_LABEL, INVALID_LABEL, MISSING_VALUE, MISSING_ID, DUPLICATE = range(6)
 DROP_REASONS = {
@@ -52,8 +53,8 @@ def to_float(col: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
     raise DataError(f"{where}: column {name!r} has type {t}; numbers were expected")
 
 
-def label_keys(col: pa.ChunkedArray) -> np.ndarray:
-    """Label values as canonical text (see `class_key`); None where missing."""
+def label_keys(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Label values as canonical text (see `class_key`); null where missing."""
     t = col.type
     if pa.types.is_floating(t):
         v = col.to_numpy(zero_copy_only=False)
@@ -62,7 +63,9 @@ def label_keys(col: pa.ChunkedArray) -> np.ndarray:
             col = pc.cast(pc.if_else(pc.is_finite(col), col, None), pa.int64())
     elif pa.types.is_boolean(t):
         col = pc.if_else(col, "true", "false")
-    return np.asarray(pc.cast(col, pa.string()).to_pylist(), dtype=object)
+    elif pa.types.is_dictionary(t):
+        col = pc.cast(col, t.value_type)
+    return pc.cast(col, pa.string())
 
 
 class ReadAndClean:
@@ -82,9 +85,7 @@ class ReadAndClean:
         self.fs, self.files, self.fmt, self.cols = fs, files, fmt, cols
         self.seed, self.fractions = seed, fractions
         self.dedupe, self.invalid_labels = dedupe, invalid_labels
-        self.class_keys = (
-            None if cols.classes is None else np.array([class_key(c) for c in cols.classes])
-        )
+        self.class_keys = None if cols.classes is None else [class_key(c) for c in cols.classes]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         index = int(batch["file"][0])
@@ -128,8 +129,8 @@ class ReadAndClean:
                 id_values = np.where(null_id, 0, id_values).astype(np.int64)
         content = combine(
             [hash64(numeric[k]) for k in c.numeric]
-            + [hash64(categorical[k].to_numpy(zero_copy_only=False)) for k in c.categorical]
-            + [hash64(label)]
+            + [hash_text(categorical[k]) for k in c.categorical]
+            + [hash64(label) if c.task == "regression" else hash_text(label)]
         )
         if not c.id_column:
             id_values = content.view(np.int64)
@@ -148,7 +149,7 @@ class ReadAndClean:
         out["id"] = ids
         out.update({k: pa.array(v) for k, v in numeric.items()})
         out.update(categorical)
-        out["_label"] = pa.array(label)
+        out["_label"] = label if c.task != "regression" else pa.array(label)
         out["_split"] = pa.array(assign_splits(u, self.fractions))
         out["_u"] = pa.array(u)
         out["_dup"] = pa.array(content if self.dedupe != "id" else hash64(id_values))
@@ -157,7 +158,7 @@ class ReadAndClean:
         out["_drop"] = pa.array(drop)
         return pa.table(out)
 
-    def _label(self, col: pa.ChunkedArray, path: str, drop: np.ndarray) -> np.ndarray:
+    def _label(self, col: pa.ChunkedArray, path: str, drop: np.ndarray) -> Any:
         name = self.cols.label
         if self.cols.task == "regression":
             y = to_float(col, path, name)
@@ -165,11 +166,12 @@ class ReadAndClean:
             invalid = ~absent & ~np.isfinite(y)
         else:
             y = label_keys(col)
-            absent = np.array([v is None for v in y], dtype=bool)
+            absent = ~pc.is_valid(y).to_numpy(zero_copy_only=False)
             if self.class_keys is None:
                 invalid = np.zeros(len(y), dtype=bool)
             else:
-                invalid = ~absent & ~np.isin(y.astype(str), self.class_keys)
+                known = pc.is_in(y, value_set=pa.array(self.class_keys, pa.string()))
+                invalid = ~absent & ~known.fill_null(False).to_numpy(zero_copy_only=False)
         drop[(drop == KEEP) & absent] = MISSING_LABEL
         if invalid.any():
             if self.invalid_labels == "error":
@@ -186,3 +188,25 @@ class ReadAndClean:
                 )
             drop[(drop == KEEP) & invalid] = INVALID_LABEL
         return y
+
+
+def keep_rows(losers: np.ndarray, classes: list | None, task: str):
+    """Drop marked rows and the duplicates in `losers` (sorted order keys); encode the label."""
+    class_keys = pa.array([class_key(c) for c in classes or []], pa.string())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ok = batch.column("_drop").to_numpy(zero_copy_only=False) == KEEP
+        if len(losers):
+            files = batch.column("_file").to_numpy(zero_copy_only=False).astype(np.int64)
+            order = (files << 32) + batch.column("_row").to_numpy(zero_copy_only=False)
+            pos = np.clip(np.searchsorted(losers, order), 0, len(losers) - 1)
+            ok &= losers[pos] != order
+        batch = batch.filter(pa.array(ok))
+        if task == "regression":
+            label = pc.cast(batch.column("_label"), pa.float64())
+        else:
+            label = pc.cast(pc.index_in(batch.column("_label"), value_set=class_keys), pa.int64())
+        batch = batch.drop_columns(["_label", "_drop", "_dup"])
+        return batch.append_column("label", label)
+
+    return keep

@@ -8,6 +8,7 @@ example rows. Nothing is committed unless the gate passes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,6 @@ import pyarrow.compute as pc
 
 from dcml.config import GateConfig
 from dcml.data.split import SPLITS
-from dcml.data.transforms import json_partials
 
 EXAMPLES = 3
 
@@ -101,55 +101,49 @@ class GateSpec:
         return types
 
 
-def _block_stats(spec: GateSpec):
-    def stats(batch: pa.Table) -> dict:
-        split = batch.column("_split").to_numpy(zero_copy_only=False)
-        ids = batch.column("id").to_pylist()
-        files = batch.column("_file").to_numpy(zero_copy_only=False)
-        rows = batch.column("_row").to_numpy(zero_copy_only=False)
+def block_stats(spec: GateSpec, batch: pa.Table) -> dict:
+    """What the checks need from one block: rows and classes per split, problems with examples."""
+    split = np.asarray(SPLITS)[batch.column("_split").to_numpy(zero_copy_only=False)]
+    files = batch.column("_file").to_numpy(zero_copy_only=False)
+    rows = batch.column("_row").to_numpy(zero_copy_only=False)
+    ids = batch.column("id")
 
-        def examples(mask: np.ndarray) -> list[dict]:
-            return [
-                {"id": ids[i], "file": spec.files[files[i]], "row": int(rows[i])}
-                for i in np.flatnonzero(mask)[:EXAMPLES]
-            ]
+    def examples(mask: np.ndarray) -> list[dict]:
+        return [
+            {"id": ids[int(i)].as_py(), "file": spec.files[files[i]], "row": int(rows[i])}
+            for i in np.flatnonzero(mask)[:EXAMPLES]
+        ]
 
-        schema = {
-            c: f"{batch.schema.field(c).type} (expected {t})"
-            if c in batch.column_names
-            else "absent"
-            for c, t in spec.expected_types().items()
-            if c not in batch.column_names or batch.schema.field(c).type != t
-        }
-        out = {
-            "rows": {s: int((split == s).sum()) for s in SPLITS},
-            "schema": schema,
-            "problems": {
-                k: [int(m.sum()), examples(m)] for k, m in spec.problems(batch).items() if m.any()
-            },
-            "classes": {},
-        }
-        if spec.n_classes:
-            label = batch.column("label").to_numpy(zero_copy_only=False)
-            for s in SPLITS:
-                counts = np.bincount(
-                    label[(split == s) & (label >= 0) & (label < spec.n_classes)].astype(int),
-                    minlength=spec.n_classes,
-                )
-                out["classes"][s] = counts.tolist()
-        return out
-
-    return stats
+    schema = {
+        c: f"{batch.schema.field(c).type} (expected {t})" if c in batch.column_names else "absent"
+        for c, t in spec.expected_types().items()
+        if c not in batch.column_names or batch.schema.field(c).type != t
+    }
+    out = {
+        "rows": {s: int((split == s).sum()) for s in SPLITS},
+        "schema": schema,
+        "problems": {
+            k: [int(m.sum()), examples(m)] for k, m in spec.problems(batch).items() if m.any()
+        },
+        "classes": {},
+    }
+    if spec.n_classes:
+        label = batch.column("label").to_numpy(zero_copy_only=False)
+        ok = (label >= 0) & (label < spec.n_classes)
+        for s in SPLITS:
+            counts = np.bincount(label[(split == s) & ok].astype(int), minlength=spec.n_classes)
+            out["classes"][s] = counts.tolist()
+    return out
 
 
-def run_checks(ds, spec: GateSpec) -> tuple[list[CheckResult], dict]:
+def merge_stats(spec: GateSpec, parts: list[dict]) -> dict:
     total: dict[str, Any] = {
         "rows": dict.fromkeys(SPLITS, 0),
         "schema": {},
         "problems": {},
         "classes": {s: [0] * spec.n_classes for s in SPLITS},
     }
-    for p in json_partials(ds, _block_stats(spec)):
+    for p in parts:
         for s in SPLITS:
             total["rows"][s] += p["rows"][s]
             if spec.n_classes:
@@ -159,7 +153,10 @@ def run_checks(ds, spec: GateSpec) -> tuple[list[CheckResult], dict]:
             cur = total["problems"].setdefault(k, [0, []])
             cur[0] += n
             cur[1] = (cur[1] + ex)[:EXAMPLES]
+    return total
 
+
+def evaluate(spec: GateSpec, total: dict) -> list[CheckResult]:
     cfg = spec.config
     checks: list[CheckResult] = []
     for c, problem in sorted(total["schema"].items()):
@@ -204,50 +201,47 @@ def run_checks(ds, spec: GateSpec) -> tuple[list[CheckResult], dict]:
                     s,
                 )
             )
-    return checks, total
+    return checks
 
 
-def repair(ds, spec: GateSpec, mode: str):
-    """Drop the rows that fail a repairable check, or impute them (labels are always dropped)."""
+def repair_batch(spec: GateSpec, batch: pa.Table, mode: str) -> pa.Table:
+    """Drop the rows that fail a repairable check, or impute them (bad labels: always dropped)."""
+    masks = spec.problems(batch)
+    if mode == "drop":
+        return batch.filter(pc.invert(pa.array(np.logical_or.reduce(list(masks.values())))))
     limit = spec.config.max_abs_value
-
-    def fix(batch: pa.Table) -> pa.Table:
-        masks = spec.problems(batch)
-        if mode == "drop":
-            bad = np.logical_or.reduce(list(masks.values()))
-            return batch.filter(pc.invert(pa.array(bad)))
-        for c in spec.features:
-            v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
-            v = np.clip(np.nan_to_num(v, nan=0.0, posinf=limit, neginf=-limit), -limit, limit)
-            batch = batch.set_column(batch.schema.get_field_index(c), c, pa.array(v))
-        return batch.filter(pc.invert(pa.array(masks["label_domain:label"])))
-
-    return ds.map_batches(fix, batch_format="pyarrow", batch_size=None).materialize()
+    for c in spec.features:
+        v = batch.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+        v = np.clip(np.nan_to_num(v, nan=0.0, posinf=limit, neginf=-limit), -limit, limit)
+        batch = batch.set_column(batch.schema.get_field_index(c), c, pa.array(v))
+    return batch.filter(pc.invert(pa.array(masks["label_domain:label"])))
 
 
-def run_gate(ds, spec: GateSpec) -> tuple[Any, GateReport, dict]:
-    """Check, repair and re-check; return (dataset, report, the last round's totals)."""
+def run_gate(spec: GateSpec, check_round: Callable[[str | None], dict]) -> tuple[GateReport, dict]:
+    """Check, repair and re-check: `check_round(repair)` runs one pass over the data, applying
+    `repair` (None in the first round), and returns the merged block statistics.
+
+    A repair is applied to the same preprocessed rows each round, so a round after a repair
+    either passes or shows that the repair cannot fix what failed.
+    """
     report = GateReport()
-    rounds = spec.config.rounds
-    first_rows = None
-    for attempt in range(rounds + 1):
-        checks, totals = run_checks(ds, spec)
+    first: dict | None = None
+    repair: str | None = None
+    for attempt in range(spec.config.rounds + 1):
+        totals = check_round(repair)
+        first = first or totals
+        checks = evaluate(spec, totals)
         report.rounds.append(checks)
-        rows = sum(totals["rows"].values())
-        first_rows = rows if first_rows is None else first_rows
-        report.dropped_rows = first_rows - rows
         failed = [c for c in checks if not c.passed]
         if not failed:
-            return ds, report, totals
-        if (
-            attempt == rounds
-            or spec.config.repair == "none"
-            or not all(c.repairable for c in failed)
-        ):
+            report.dropped_rows = sum(first["rows"].values()) - sum(totals["rows"].values())
+            if repair == "impute":
+                report.imputed_values = sum(
+                    n for k, (n, _) in first["problems"].items() if not k.startswith("label")
+                )
+            return report, totals
+        repairable = all(c.repairable for c in failed) and spec.config.repair != "none"
+        if attempt == spec.config.rounds or not repairable or repair is not None:
             raise GateError(report)
-        if spec.config.repair == "impute":
-            report.imputed_values += sum(
-                n for k, (n, _) in totals["problems"].items() if not k.startswith("label")
-            )
-        ds = repair(ds, spec, spec.config.repair)
-    raise AssertionError("unreachable")
+        repair = spec.config.repair
+    raise GateError(report)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 SPLITS = ("train", "validation", "test")
 _KEY = "dcml-split-hash0"  # pandas' siphash key for strings: 16 characters
@@ -26,12 +28,22 @@ def hash64(values: np.ndarray, seed: int = 0) -> np.ndarray:
     return pd.util.hash_array(h ^ salt, categorize=False)
 
 
+def hash_text(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """hash64 of an Arrow text column, hashing each distinct value once (nulls hash alike)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks() if encoded.num_chunks else pa.array([], encoded.type)
+    distinct = hash64(encoded.dictionary.to_numpy(zero_copy_only=False))
+    indices = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return np.where(indices >= 0, distinct[np.maximum(indices, 0)], np.uint64(0x9E3779B97F4A7C15))
+
+
 def combine(hashes: list[np.ndarray]) -> np.ndarray:
     """One hash per row from per-column hashes (order matters)."""
     out = np.zeros(len(hashes[0]), dtype=np.uint64)
     for h in hashes:
-        out = pd.util.hash_array(out * np.uint64(1_000_003) ^ h, categorize=False)
-    return out
+        out = (out ^ h) * np.uint64(0x100000001B3)  # FNV-style mixing; wraps around
+    return pd.util.hash_array(out, categorize=False)
 
 
 def unit_interval(hashes: np.ndarray) -> np.ndarray:
@@ -39,7 +51,7 @@ def unit_interval(hashes: np.ndarray) -> np.ndarray:
 
 
 def assign_splits(u: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
-    """Uniform hash values in [0, 1) -> split names."""
+    """Uniform hash values in [0, 1) -> split codes (0 train, 1 validation, 2 test; see SPLITS)."""
     cut_train = fractions["train"]
     cut_val = cut_train + fractions["validation"]
-    return np.where(u < cut_train, "train", np.where(u < cut_val, "validation", "test"))
+    return (u >= cut_train).astype(np.int8) + (u >= cut_val).astype(np.int8)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data.expressions import col
 
 from dcml.data.errors import DataError
 
@@ -52,11 +53,6 @@ class Preprocessor:
             else:
                 out.append(c)
         return out
-
-    @property
-    def continuous(self) -> list[int]:
-        """Indices of output columns that hold scaled numbers (where noise makes sense)."""
-        return list(range(len(self.numeric)))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,9 +117,12 @@ def json_partials(ds, fn) -> list[dict]:
 
 
 def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> Preprocessor:
-    """Fit imputation, clipping, scaling and category lists over the whole training split."""
-    from ray.data.aggregate import Max, Mean, Min, Std
+    """Fit imputation, clipping, scaling and category lists over the whole training split.
 
+    Moments are merged from per-block partials (count, mean, M2, min, max: Chan et al.), not with
+    `Dataset.aggregate`, which took 4-6 s for a few means over 140k rows on 2 cores (it starts
+    shuffle actors) against 0.2 s for one map over the blocks.
+    """
     numeric, categorical = cols.numeric, cols.categorical
     fill: dict[str, float | None] = {}
     clip: dict[str, list[float]] = {}
@@ -134,7 +133,7 @@ def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> 
         threshold = train_fraction * min(1.0, QUANTILE_SAMPLE / max(n_train, 1))
         sample = (
             pa.concat_tables(
-                ds_to_tables(train_ds.filter(expr=f"_u < {threshold!r}").select_columns(numeric))
+                ds_to_tables(train_ds.filter(expr=col("_u") < threshold).select_columns(numeric))
             )
             if n_train
             else None
@@ -149,26 +148,28 @@ def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> 
                 lo, hi = np.quantile(v, d.clip_quantiles)
                 clip[c] = [float(lo), float(hi)]
 
-        def clipped(batch: pa.Table) -> pa.Table:
-            cols_out = {}
-            for c in numeric:
-                v = as_float(batch.column(c))
-                v = np.clip(v, *clip[c]) if c in clip else v
-                cols_out[c] = pa.array(v, mask=~np.isfinite(v))  # statistics skip missing
-            return pa.table(cols_out)
-
-        aggs = []
+    def partial(batch: pa.Table) -> dict:
+        """Per block: moments of the clipped numbers, counts of the categories."""
+        out = {}
         for c in numeric:
-            aggs += [
-                Mean(c, alias_name=f"mean:{c}"),
-                Std(c, ddof=0, alias_name=f"std:{c}"),
-                Min(c, alias_name=f"min:{c}"),
-                Max(c, alias_name=f"max:{c}"),
-            ]
-        stats = train_ds.map_batches(clipped, batch_format="pyarrow").aggregate(*aggs)
+            v = as_float(batch.column(c))
+            v = np.clip(v, *clip[c]) if c in clip else v
+            v = v[np.isfinite(v)]  # statistics skip missing values
+            n = len(v)
+            mean = float(v.mean()) if n else 0.0
+            out[c] = [n, mean, float(((v - mean) ** 2).sum()) if n else 0.0]
+            out[c] += [float(v.min()), float(v.max())] if n else [None, None]
+        for c in categorical:
+            vc = pc.value_counts(pc.drop_null(as_text(batch.column(c))))
+            out[c] = dict(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist(), strict=True))
+        return out
 
+    parts = json_partials(train_ds, partial)
+    stats = _merge_moments(parts, numeric)
     center, scale = {}, {}
     for c in numeric:
+        if stats[f"mean:{c}"] is None:
+            raise DataError(f"column {c!r} has no finite values in the training split")
         mean, std = stats[f"mean:{c}"], stats[f"std:{c}"]
         low, high = stats[f"min:{c}"], stats[f"max:{c}"]
         policy = cols.missing[c]
@@ -181,23 +182,13 @@ def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> 
             center[c], scale[c] = 0.0, 1.0
 
     categories: dict[str, list[str]] = {}
-    if categorical:
-
-        def counts(batch: pa.Table) -> dict:
-            out = {}
-            for c in categorical:
-                vc = pc.value_counts(pc.drop_null(as_text(batch.column(c))))
-                out[c] = dict(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist(), strict=True))
-            return out
-
-        total = {c: Counter() for c in categorical}
-        for part in json_partials(train_ds, counts):
-            for c in categorical:
-                total[c].update(part[c])
-        for c in categorical:
-            ranked = sorted(total[c].items(), key=lambda kv: (-kv[1], kv[0]))
-            kept = [v for v, n in ranked if n >= d.min_category_count][: d.max_categories]
-            categories[c] = sorted(kept)
+    for c in categorical:
+        total = Counter()
+        for part in parts:
+            total.update(part[c])
+        ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept = [v for v, n in ranked if n >= d.min_category_count][: d.max_categories]
+        categories[c] = sorted(kept)
     return Preprocessor(
         numeric=list(numeric),
         categorical=list(categorical),
@@ -208,6 +199,26 @@ def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> 
         categories=categories,
         encoding=d.encoding,
     )
+
+
+def _merge_moments(parts: list[dict], columns: list[str]) -> dict[str, float | None]:
+    stats: dict[str, float | None] = {}
+    for c in columns:
+        n, mean, m2, low, high = 0, 0.0, 0.0, None, None
+        for part in parts:
+            k, m, q, lo, hi = part[c]
+            if not k:
+                continue
+            delta, total = m - mean, n + k
+            mean += delta * k / total
+            m2 += q + delta**2 * n * k / total
+            n = total
+            low = lo if low is None else min(low, lo)
+            high = hi if high is None else max(high, hi)
+        stats[f"mean:{c}"] = mean if n else None
+        stats[f"std:{c}"] = float(np.sqrt(m2 / n)) if n else None
+        stats[f"min:{c}"], stats[f"max:{c}"] = low, high
+    return stats
 
 
 def ds_to_tables(ds) -> list[pa.Table]:

@@ -1,15 +1,19 @@
-"""Writing a dataset version's shards: one Parquet file per split per block, in parallel.
+"""The last pass: transform, gate statistics and Parquet shards, one task per block of rows.
 
-Each task writes its files under the version's temporary folder and returns their names, row
-counts and SHA-256, from which the manifest's shard list and content hash are built. Shard names
-come from the first source row of the block, so the same inputs always give the same names.
-Augmentation of the training split happens here, on the way out.
+Each task keeps the good rows of one block of cleaned data, applies the fitted transforms (and, in
+a repair round, the gate's repair), computes the gate's statistics, augments the training rows and
+writes one Parquet file per split under the version's temporary folder. It returns the statistics
+and the files' names, row counts and SHA-256; nothing is committed until the gate has passed on
+the merged statistics. Shard names come from the block's first source row, so the same inputs
+always give the same names. Fusing these steps into one pass saved two materialisations of the
+whole data set (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,39 +23,49 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcml.config import AugmentConfig
+from dcml.data.gate import GateSpec, block_stats, repair_batch
 from dcml.data.split import SPLITS
+from dcml.data.transforms import Preprocessor
 
 
 @dataclass(frozen=True)
-class ShardWriter:
+class ShardTask:
+    """One pass per block of cleaned rows: keep, transform, (repair), gate statistics, write."""
+
     fs: Any
     folder: str
-    columns: list[str]  # id, label, features: what training reads
-    continuous: list[str]  # features that take noise
+    keep: Callable[[pa.Table], pa.Table]  # drops marked rows and duplicates, encodes the label
+    pre: Preprocessor
+    spec: GateSpec
+    repair: str | None  # None in the gate's first round
     augment: AugmentConfig
     train_class_counts: list[int]  # for oversampling; empty for regression
     train_fraction: float
     seed: int
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
+    def __call__(self, batch: pa.Table) -> dict:
         if not batch.num_rows:
-            return _results(out)
+            return {"stats": None, "shards": []}
         file0, row0 = int(batch.column("_file")[0].as_py()), int(batch.column("_row")[0].as_py())
-        for split in SPLITS:
-            part = batch.filter(pc.equal(batch.column("_split"), split))
+        table = self.transform(self.keep(batch))
+        if self.repair:
+            table = repair_batch(self.spec, table, self.repair)
+        stats = block_stats(self.spec, table)
+        shards = []
+        for code, split in enumerate(SPLITS):
+            part = table.filter(pc.equal(table.column("_split"), code))
             if not part.num_rows:
                 continue
             original = part.num_rows
             if split == "train":
                 part = self._augment(part, file0, row0)
             buf = io.BytesIO()
-            pq.write_table(part.select(self.columns), buf)
+            pq.write_table(part.select(["id", "label", *self.spec.features]), buf)
             data = buf.getvalue()
             name = f"{split}/part-{file0:05d}-{row0:09d}.parquet"
             with self.fs.open(f"{self.folder}/{name}", "wb") as f:
                 f.write(data)
-            out.append(
+            shards.append(
                 {
                     "split": split,
                     "name": name,
@@ -61,7 +75,15 @@ class ShardWriter:
                     "bytes": len(data),
                 }
             )
-        return _results(out)
+        return {"stats": stats, "shards": shards}
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        x = self.pre.transform({c: batch.column(c) for c in self.pre.inputs})
+        out = {"id": batch.column("id"), "label": batch.column("label")}
+        out.update({c: pa.array(x[:, j]) for j, c in enumerate(self.spec.features)})
+        for c in ("_split", "_u", "_file", "_row"):
+            out[c] = batch.column(c)
+        return pa.table(out)
 
     def _augment(self, part: pa.Table, file0: int, row0: int) -> pa.Table:
         a = self.augment
@@ -74,12 +96,13 @@ class ShardWriter:
             u = part.column("_u").to_numpy(zero_copy_only=False) / self.train_fraction
             repeats = np.floor(f).astype(int) + (u < f - np.floor(f))
             part = part.take(pa.array(np.repeat(np.arange(part.num_rows), repeats)))
-        if a.noise_std > 0 and self.continuous:
+        continuous = self.pre.numeric  # one-hot columns take no noise
+        if a.noise_std > 0 and continuous:
             rng = np.random.default_rng([self.seed, file0, row0])
             copies = [part]
             for _ in range(a.noise_copies):
                 noisy = part
-                for c in self.continuous:
+                for c in continuous:
                     i = noisy.schema.get_field_index(c)
                     v = noisy.column(c).to_numpy(zero_copy_only=False)
                     v = (v + rng.normal(0.0, a.noise_std, len(v))).astype(np.float32)
@@ -87,22 +110,6 @@ class ShardWriter:
                 copies.append(noisy)
             part = pa.concat_tables(copies)
         return part
-
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("split", pa.string()),
-        ("name", pa.string()),
-        ("rows", pa.int64()),
-        ("augmented", pa.int64()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-    ]
-)
-
-
-def _results(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def content_hash(shards: list[dict]) -> str:
