@@ -20,6 +20,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/python benchmarks/preprocess_bench.py --sizes 500000:8,2000000:16,5000000:32,5000000:64
+
 lint: setup
 	$(BIN)/ruff check platform jobs serve_apps tests benchmarks
 	$(BIN)/ruff format --check platform jobs serve_apps tests benchmarks

@@ -255,5 +255,10 @@ def test_http_app_takes_categories_as_text(tmp_path):
     assert {p["label"] for p in r.json()["predictions"]} <= {"no", "yes"}
     r = client.post("/predict", json={"x": 1.0, "color": 3})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "color"
+    # null is a missing value: imputed as in training (x's fill is 0; color goes to unknown)
+    missing = client.post("/predict", json={"x": None, "color": None}).json()["predictions"]
+    filled = client.post("/predict", json={"x": 0.0, "color": "mauve"}).json()["predictions"]
+    assert missing == filled
+    assert client.post("/predict", json={"color": "red"}).status_code == 422  # absent: an error
     meta = client.get("/metadata").json()
     assert meta["inputs"] == {"numeric": ["x"], "categorical": ["color"]}

@@ -139,6 +139,22 @@ def test_split_depends_on_the_id_not_the_layout_or_format(tmp_path):
     assert 0.6 < len(splits[0]["train"]) / 1200 < 0.8
 
 
+def test_file_and_memory_uris(tmp_path):
+    import fsspec
+
+    table = synth_table(600, 0, 0, seed=2)
+    write_shards(tmp_path / "raw", table, 2, "csv")
+    local, _ = run(tmp_path, name="local")
+    by_uri, _ = run(tmp_path, name="uri", source=f"file://{tmp_path}/raw/*.csv")
+    # memory:// lives in this process only; its files travel to Ray's workers as bytes
+    mem, folder = fsspec.filesystem("memory"), f"/dcml-test/{tmp_path.name}"
+    for i, part in enumerate(np.array_split(np.arange(table.num_rows), 2)):
+        mem.pipe(f"{folder}/part-{i}.csv", encode(table.take(pa.array(part)), "csv"))
+    in_memory, _ = run(tmp_path, name="mem", source=f"memory://{folder}")
+    hashes = {dv.manifest["content_hash"] for dv in (local, by_uri, in_memory)}
+    assert len(hashes) == 1  # the same rows, transforms and shards from every URI
+
+
 def test_minmax_ordinal_and_rows_without_ids(tmp_path):
     write_shards(tmp_path / "raw", synth_table(800, 0, 0).drop_columns(["id"]), 2)
     dv, storage = run(

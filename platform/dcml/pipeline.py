@@ -8,6 +8,7 @@ storage root, so each can also run alone from the CLI or a job.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,7 +189,7 @@ def query_served_model(
     probs, answered = [], []
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        payload = [{c: r[c] for c in features} for r in chunk]
+        payload = [{c: _json_value(r[c]) for c in features} for r in chunk]
         resp = requests.post(f"{url}/predict", json=payload, headers=headers, timeout=30)
         resp.raise_for_status()
         for r, p in zip(chunk, resp.json()["predictions"], strict=True):
@@ -196,6 +197,11 @@ def query_served_model(
             answered.append({"id": r["id"], "true": r["label"], **p})
     y = np.array([r["label"] for r in rows])
     return binary_metrics(y, np.array(probs)), answered
+
+
+def _json_value(value: Any) -> Any:
+    """A raw value as JSON can carry it: a missing number (NaN) is null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def run_pipeline(

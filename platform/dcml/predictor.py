@@ -63,7 +63,7 @@ class Predictor:
         return [self.classes[int(p >= self.threshold)] for p in probs]
 
     def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        columns: dict[str, Any] = {
+        columns: dict[str, Any] = {  # None (missing) becomes NaN, imputed by the preprocessor
             c: np.array([r[c] for r in records], dtype=np.float64)
             for c in self.preprocessor.numeric
         }

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from ray import serve
 
+from dcml.data.transforms import Preprocessor
 from dcml.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,18 @@ class ServeArgs(BaseModel):
     auth_token: str | None = None
 
 
-def record_model(numeric: list[str], categorical: list[str]) -> type[BaseModel]:
-    """A request record: every input column by name (finite numbers, or category text), no more."""
+def record_model(pre: Preprocessor) -> type[BaseModel]:
+    """A request record: every input column by name, nothing else. Numbers are finite; text is a
+    category. null is a missing value, imputed as in training where training imputed that column
+    (a column whose missing rows were dropped in training must be sent)."""
     finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
     text = Annotated[str, Field(strict=True, max_length=1024)]
-    fields: dict[str, Any] = {
-        f"f{i}": (finite, Field(alias=name)) for i, name in enumerate(numeric)
-    }
-    fields.update({f"c{i}": (text, Field(alias=name)) for i, name in enumerate(categorical)})
+    fields: dict[str, Any] = {}
+    for i, name in enumerate(pre.numeric):
+        kind = finite if pre.fill[name] is None else finite | None
+        fields[f"f{i}"] = (kind, Field(alias=name))
+    for i, name in enumerate(pre.categorical):
+        fields[f"c{i}"] = (text | None, Field(alias=name))
     return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -89,7 +94,7 @@ def build_http_app(
     predictor: Predictor, max_request_bytes: int, auth_token: str | None, model_ref: str = ""
 ) -> FastAPI:
     pre = predictor.preprocessor
-    Record = record_model(pre.numeric, pre.categorical)
+    Record = record_model(pre)
     app = FastAPI(title="dcml model server", version=str(predictor.meta.get("version")))
 
     def check_token(request: Request) -> None:

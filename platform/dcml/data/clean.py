@@ -89,7 +89,8 @@ class ReadAndClean:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         index = int(batch["file"][0])
-        return self.clean(read_file(self.fs, self.files[index], self.fmt), index)
+        data = batch["data"][0] if "data" in batch else None  # bytes shipped by the driver
+        return self.clean(read_file(self.fs, self.files[index], self.fmt, data), index)
 
     def clean(self, table: pa.Table, index: int) -> pa.Table:
         path, c = self.files[index], self.cols

@@ -29,7 +29,7 @@ from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_ro
 from dcml.data.columns import Columns, class_key, infer_columns
 from dcml.data.errors import DataError, find_data_error
 from dcml.data.gate import GateSpec, merge_stats, run_gate
-from dcml.data.sources import collect_bundled, read_schema, resolve_files
+from dcml.data.sources import collect_bundled, in_process, read_schema, resolve_files
 from dcml.data.split import SPLITS
 from dcml.data.transforms import Preprocessor, fit_preprocessor, json_partials
 from dcml.data.write import ShardTask, content_hash
@@ -108,10 +108,12 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
         f"reading {len(files)} {fmt} file(s) from {d.source}: "
         f"{len(cols.numeric)} numeric, {len(cols.categorical)} categorical feature(s)"
     )
+    items: list[dict[str, Any]] = [{"file": i} for i in range(len(files))]
+    if in_process(fs):  # memory://: only this process sees the files, so ship their bytes
+        for item, f in zip(items, files, strict=True):
+            item["data"] = fs.cat_file(f)
     cleaned = (
-        ray.data.from_items(
-            [{"file": i} for i in range(len(files))], override_num_blocks=len(files)
-        )
+        ray.data.from_items(items, override_num_blocks=len(files))
         .map_batches(
             ReadAndClean(fs, files, fmt, cols, cfg.seed, d.split, d.dedupe, d.invalid_labels),
             batch_size=1,

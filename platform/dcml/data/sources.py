@@ -102,11 +102,19 @@ def resolve_files(
     return fs, files, fmt
 
 
-def read_file(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> pa.Table:
-    """One raw file -> an Arrow table; any failure names the file."""
+def in_process(fs: fsspec.AbstractFileSystem) -> bool:
+    """A filesystem that only this process can see (memory://): Ray workers cannot open it."""
+    return "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+
+def read_file(
+    fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None
+) -> pa.Table:
+    """One raw file (or its bytes, read elsewhere) -> an Arrow table; any failure names the file."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        if data is None:
+            with fs.open(path, "rb") as f:
+                data = f.read()
         if fmt == "parquet":
             return pq.read_table(io.BytesIO(data))
         if fmt == "csv":
