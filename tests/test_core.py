@@ -262,3 +262,75 @@ def test_http_app_takes_categories_as_text(tmp_path):
     assert client.post("/predict", json={"color": "red"}).status_code == 422  # absent: an error
     meta = client.get("/metadata").json()
     assert meta["inputs"] == {"numeric": ["x"], "categorical": ["color"]}
+
+
+def test_model_options_width_list_norm_residual():
+    from dcml.config import ModelConfig
+    from dcml.train.model import model_spec
+
+    cfg = ModelConfig(depth=3, width=[16, 16, 8], norm="batch", residual=True, dropout=0.0)
+    spec = model_spec(cfg, n_features=5, n_outputs=3)
+    model = build_model(spec)
+    assert model(torch.zeros(4, 5)).shape == (4, 3)
+    blocks = list(model)[:3]
+    assert [b.residual for b in blocks] == [False, True, False]  # only where widths match
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    with pytest.raises(ValueError, match="depth is 2"):
+        ModelConfig(depth=2, width=[4])
+
+
+def test_task_metrics_match_scikit_learn():
+    from sklearn.metrics import f1_score, mean_absolute_error, r2_score
+
+    from dcml.train.metrics import multiclass_metrics, regression_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    proba = rng.dirichlet([1, 1, 1], 300)
+    m = multiclass_metrics(y, proba)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, proba.argmax(1), average="macro"))
+    t = rng.normal(size=300)
+    pred = t + rng.normal(0, 0.3, 300)
+    r = regression_metrics(t, pred)
+    assert r["r2"] == pytest.approx(r2_score(t, pred))
+    assert r["mae"] == pytest.approx(mean_absolute_error(t, pred))
+
+
+def test_loop_learns_regression_and_multiclass_without_ray():
+    from dcml.train.loop import make_loss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 2)).astype(np.float32)
+    for task, y, n_out, key, bar in [
+        ("regression", (2 * x[:, 0] - x[:, 1]).astype(np.float32), 1, "val_r2", 0.95),
+        (
+            "multiclass",
+            ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype(np.int64),
+            4,
+            "val_accuracy",
+            0.9,
+        ),
+    ]:
+        torch.manual_seed(0)
+        spec = {
+            "n_features": 2,
+            "n_outputs": n_out,
+            "depth": 1,
+            "widths": [32],
+            "activation": "relu",
+            "dropout": 0.0,
+        }
+        model = build_model(spec)
+        opt = make_optimizer(model, "adam", 0.01, 0.0)
+        history = fit_in_process(
+            model,
+            (x[:600], y[:600]),
+            (x[600:], y[600:]),
+            30,
+            32,
+            opt,
+            seed=0,
+            task=task,
+            loss_fn=make_loss(task, "huber" if task == "regression" else "auto"),
+        )
+        assert history[-1][key] > bar, (task, history[-1])

@@ -27,15 +27,17 @@ class _PredictBatch:
         self.id_col = id_col
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        p = self.predictor.predict_columns({c: batch.column(c) for c in self.predictor.inputs})
-        return pa.table(
-            {
-                "id": batch.column(self.id_col),
-                "probability": pa.array(p.astype(np.float64)),
-                "label": pa.array(self.predictor.labels(p)),
-                "model_version": pa.array([self.predictor.version] * len(p)),
-            }
-        )
+        p = self.predictor
+        out = p.predict_columns({c: batch.column(c) for c in p.inputs})
+        columns = {"id": batch.column(self.id_col)}
+        if p.task == "regression":
+            columns["value"] = pa.array(out.astype(np.float64))
+        else:
+            columns["label"] = pa.array(p.labels(out))
+            best = out if p.task == "binary" else out.max(axis=1)
+            columns["probability"] = pa.array(best.astype(np.float64))
+        columns["model_version"] = pa.array([p.version] * len(out))
+        return pa.table(columns)
 
 
 def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_uri: str) -> int:

@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+AUTO_METRIC = {"binary": "val_roc_auc", "multiclass": "val_macro_f1", "regression": "val_rmse"}
+MINIMISED = {"loss", "log_loss", "rmse", "mae", "mse"}
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message lists every problem with its field."""
@@ -179,10 +182,28 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    depth: int = Field(2, ge=0, le=32, description="Hidden layers; 0 is logistic regression.")
-    width: int = Field(64, ge=1, description="Units per hidden layer.")
+    depth: int = Field(2, ge=0, le=64, description="Hidden layers; 0 is logistic regression.")
+    width: int | list[int] = Field(
+        64, description="Units per hidden layer: one number, or one per layer (depth entries)."
+    )
     activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Hidden activation.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+    norm: Literal["none", "batch", "layer"] = Field(
+        "none", description="Normalisation in each hidden layer (before the activation)."
+    )
+    residual: bool = Field(
+        False,
+        description="Skip connections around hidden layers whose input and output widths match.",
+    )
+
+    @model_validator(mode="after")
+    def _check_width(self) -> ModelConfig:
+        widths = self.width if isinstance(self.width, list) else [self.width]
+        if any(w < 1 for w in widths):
+            raise ValueError("width must be >= 1")
+        if isinstance(self.width, list) and len(self.width) != self.depth:
+            raise ValueError(f"width lists {len(self.width)} layers but depth is {self.depth}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -198,8 +219,20 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
     max_failures: int = Field(2, ge=0, description="Worker failures to recover from.")
-    metric: str = Field("val_roc_auc", description="Validation metric that picks the best epoch.")
-    mode: Literal["max", "min"] = Field("max", description="Whether a higher metric is better.")
+    metric: str = Field(
+        "auto",
+        description="Validation metric that picks the best epoch; auto: val_roc_auc (binary), "
+        "val_macro_f1 (multiclass), val_rmse (regression).",
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="Whether a higher metric is better; auto goes by the metric's name."
+    )
+    loss: Literal["auto", "mse", "huber"] = Field(
+        "auto", description="Regression loss (auto: mse); classification uses cross-entropy."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="Classification: weight the loss by inverse class frequency."
+    )
 
 
 class TuneConfig(_Section):
@@ -245,6 +278,16 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> PipelineConfig:
+        """Fill the fields whose default depends on the task."""
+        if self.train.metric == "auto":
+            self.train.metric = AUTO_METRIC[self.data.task]
+        if self.train.mode == "auto":
+            name = self.train.metric.removeprefix("val_")
+            self.train.mode = "min" if name in MINIMISED else "max"
+        return self
 
 
 def load_config(

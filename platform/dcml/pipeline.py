@@ -27,7 +27,7 @@ from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, r
 from dcml.predictor import Predictor
 from dcml.storage import Storage
 from dcml.train.loop import META
-from dcml.train.metrics import binary_metrics
+from dcml.train.metrics import task_metrics
 from dcml.train.trainer import TrainOutcome, fit, new_run_id
 
 Log = Callable[[str], None]
@@ -103,17 +103,20 @@ def stage_register(
     with storage.fs.open(f"{checkpoint_path}/{registry.WEIGHTS}", "rb") as f:
         predictor = Predictor(f.read(), meta)
     _, x, y = read_split_numpy(storage, dataset, "test")
-    meta["metrics"] = {
-        f"test_{k}": v for k, v in binary_metrics(y, predictor.predict_features(x)).items()
-    }
+    task = dataset.manifest["task"]
+    test = task_metrics(task, y, predictor.predict_features(x))
+    meta["metrics"] = {f"test_{k}": v for k, v in test.items()}
     mv = registry.register(storage, cfg.name, checkpoint_path, meta, aliases)
-    test = meta["metrics"]
     log(
         f"registered model {mv.ref} ({', '.join(aliases) or 'no alias'}) at "
-        f"{storage.to_uri(mv.path)}: test accuracy {test['test_accuracy']:.4f}, "
-        f"ROC AUC {test['test_roc_auc']:.4f}"
+        f"{storage.to_uri(mv.path)}: test {format_metrics(test)}"
     )
     return mv
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    shown = ["accuracy", "roc_auc", "macro_f1", "rmse", "mae", "r2"]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics)
 
 
 def raw_test_rows(
@@ -177,10 +180,12 @@ def query_served_model(
     features: list[str],
     token: str | None = None,
     batch: int = 64,
+    task: str = "binary",
+    classes: list | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels.
 
-    `table` holds the input columns, `id` and `label` (the class index).
+    `table` holds the input columns, `id` and `label` (the class index, or the regression target).
     """
     import requests
 
@@ -193,10 +198,14 @@ def query_served_model(
         resp = requests.post(f"{url}/predict", json=payload, headers=headers, timeout=30)
         resp.raise_for_status()
         for r, p in zip(chunk, resp.json()["predictions"], strict=True):
-            probs.append(p["probability"])
-            answered.append({"id": r["id"], "true": r["label"], **p})
+            if task == "multiclass":
+                probs.append([p["probabilities"][str(c)] for c in classes or []])
+            else:
+                probs.append(p["value"] if task == "regression" else p["probability"])
+            true = r["label"] if task == "regression" else (classes or [0, 1])[r["label"]]
+            answered.append({"id": r["id"], "true": true, **p})
     y = np.array([r["label"] for r in rows])
-    return binary_metrics(y, np.array(probs)), answered
+    return task_metrics(task, y, np.array(probs)), answered
 
 
 def _json_value(value: Any) -> Any:
@@ -237,18 +246,20 @@ def run_pipeline(
     url = deploy(cfg, f"{cfg.name}@production")
     log(f"serving {model.ref} (alias production) at {url}/predict")
     table = raw_test_rows(cfg, dataset)
+    m = dataset.manifest
     metrics, answered = query_served_model(
-        url, table, dataset.preprocessor.inputs, cfg.serve.auth_token
+        url, table, dataset.preprocessor.inputs, cfg.serve.auth_token, 64, m["task"], m["classes"]
     )
     shown = answered[: cfg.serve.demo_rows]
     if shown:
-        log(f"{'id':>6} {'true':>5} {'pred':>5} {'probability':>12}")
+        score = "value" if "value" in shown[0] else "probability"
+        log(f"{'id':>6} {'true':>8} {'pred':>8} {score:>12}")
         for a in shown:
-            true = dataset.manifest["classes"][a["true"]]
-            log(f"{a['id']:>6} {true!s:>5} {a['label']!s:>5} {a['probability']:>12.4f}")
+            pred = a.get("label", a.get("value"))
+            log(f"{a['id']!s:>6} {a['true']!s:>8} {pred!s:>8} {a[score]:>12.4f}")
     log(
         f"served model on the test split ({len(answered)} rows over HTTP): "
-        f"accuracy {metrics['accuracy']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
+        + format_metrics(metrics)
     )
     result = PipelineResult(dataset, model, url, metrics, shown)
     log(

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from dcml.data.transforms import Preprocessor
-from dcml.train.loop import WEIGHTS, predict_proba
+from dcml.train.loop import WEIGHTS, predict
 from dcml.train.model import build_model
 
 MODEL_JSON = "model.json"
@@ -23,7 +23,10 @@ class Predictor:
         self.meta = meta
         self.preprocessor = Preprocessor.from_json(meta["preprocessor"])
         self.inputs: list[str] = self.preprocessor.inputs  # raw columns a record must hold
-        self.classes: list[Any] = meta.get("classes") or [0, 1]
+        self.task: str = meta.get("task", "binary")
+        self.classes: list[Any] | None = meta.get("classes") or (
+            [0, 1] if self.task == "binary" else None
+        )
         self.threshold: float = meta.get("threshold", 0.5)
         self.device = torch.device(device)
         self.model = build_model(meta["model_spec"])
@@ -49,18 +52,38 @@ class Predictor:
         return f"{self.meta.get('name')}@{self.meta.get('version')}"
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        """Already-transformed features -> positive-class probabilities."""
-        return predict_proba(
-            self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        """Already-transformed features -> P(positive) (binary), class probabilities (rows,
+        classes; multiclass) or values (regression)."""
+        return predict(
+            self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device), self.task
         )
 
     def predict_columns(self, columns: Mapping[str, Any]) -> np.ndarray:
-        """Raw feature columns by name -> probabilities, with the training preprocessor."""
+        """Raw feature columns by name -> model outputs, with the training preprocessor."""
         return self.predict_features(self.preprocessor.transform(columns))
 
-    def labels(self, probs: np.ndarray) -> list[Any]:
-        """Positive-class probabilities -> class labels as the data spelled them."""
-        return [self.classes[int(p >= self.threshold)] for p in probs]
+    def labels(self, out: np.ndarray) -> list[Any]:
+        """Model outputs -> class labels as the data spelled them (values for regression)."""
+        if self.task == "regression":
+            return [float(v) for v in out]
+        if self.task == "multiclass":
+            return [self.classes[int(k)] for k in np.argmax(out, axis=1)]
+        return [self.classes[int(p >= self.threshold)] for p in out]
+
+    def answer(self, out: np.ndarray) -> list[dict[str, Any]]:
+        """One response record per row: the label (or value) and its probability."""
+        rows = []
+        for o, label in zip(out, self.labels(out), strict=True):
+            row: dict[str, Any]
+            if self.task == "binary":
+                row = {"label": label, "probability": float(o)}
+            elif self.task == "multiclass":
+                row = {"label": label, "probability": float(np.max(o))}
+                row["probabilities"] = {str(c): float(p) for c, p in zip(self.classes, o)}
+            else:
+                row = {"value": label}
+            rows.append({**row, "model_version": self.version})
+        return rows
 
     def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         columns: dict[str, Any] = {  # None (missing) becomes NaN, imputed by the preprocessor
@@ -68,12 +91,4 @@ class Predictor:
             for c in self.preprocessor.numeric
         }
         columns.update({c: [r[c] for r in records] for c in self.preprocessor.categorical})
-        probs = self.predict_columns(columns)
-        return [
-            {
-                "label": label,
-                "probability": float(p),
-                "model_version": self.version,
-            }
-            for p, label in zip(probs, self.labels(probs), strict=True)
-        ]
+        return self.answer(self.predict_columns(columns))

@@ -194,6 +194,7 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             "label": "label",
             "id_column": "id",
             "classes": classes,
+            "class_counts": totals["classes"] if classes else None,  # before augmentation
             "columns": cols.to_json(),
             "features": features,
             "schema": _schema(storage, written["folder"], shards),

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dcml.train.metrics import binary_metrics
+from dcml.train.metrics import task_metrics
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
@@ -32,6 +32,31 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loss(task: str, loss: str = "auto", class_weights: list[float] | None = None) -> Loss:
+    """The loss of a task on the model's raw outputs: BCE with logits (binary, one output),
+    cross-entropy (multiclass), MSE or Huber (regression). `class_weights` weigh classes."""
+    if task == "multiclass":
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        ce = nn.CrossEntropyLoss(weight=weight)
+        return lambda out, y: ce(out, y.long())
+    if task == "regression":
+        fn = nn.HuberLoss() if loss == "huber" else nn.MSELoss()
+        return lambda out, y: fn(out.squeeze(-1), y)
+    pos_weight = None
+    if class_weights:
+        pos_weight = torch.tensor([class_weights[1] / class_weights[0]], dtype=torch.float32)
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return lambda out, y: bce(out.squeeze(-1), y)
+
+
+def label_tensor(y: np.ndarray, task: str, device) -> torch.Tensor:
+    dtype = torch.long if task == "multiclass" else torch.float32
+    return torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -40,19 +65,19 @@ def train_epoch(
     batch_size: int,
     steps: int,
     generator: torch.Generator,
+    loss_fn: Loss | None = None,
 ) -> float:
     """One pass of `steps` mini-batches over (x, y) in a seeded random order; mean loss.
 
     Under DDP every rank must take the same number of steps, so `steps` comes from the caller.
     """
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = loss_fn or make_loss("binary")
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = 0.0
     for step in range(steps):
         idx = order[(step * batch_size) % len(x) :][:batch_size]
-        logits = model(x[idx]).squeeze(-1)
-        loss = loss_fn(logits, y[idx])
+        loss = loss_fn(model(x[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -63,19 +88,30 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> np.ndarray:
+def predict(model: nn.Module, x: torch.Tensor, task: str, batch_size: int = 8192) -> np.ndarray:
+    """Model outputs as a task reads them: P(positive) for binary, class probabilities (rows,
+    classes) for multiclass, the value for regression."""
     model.eval()
-    out = [
-        torch.sigmoid(model(x[i : i + batch_size]).squeeze(-1).float())
-        for i in range(0, len(x), batch_size)
-    ]
-    return torch.cat(out).cpu().numpy() if out else np.empty(0, dtype=np.float32)
+    outs = []
+    for i in range(0, len(x), batch_size):
+        out = model(x[i : i + batch_size]).float()
+        if task == "multiclass":
+            outs.append(torch.softmax(out, dim=-1))
+        elif task == "regression":
+            outs.append(out.squeeze(-1))
+        else:
+            outs.append(torch.sigmoid(out.squeeze(-1)))
+    return torch.cat(outs).cpu().numpy() if outs else np.empty(0, dtype=np.float32)
+
+
+def predict_proba(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    return predict(model, x, "binary")
 
 
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: np.ndarray, prefix: str = "val_"
+    model: nn.Module, x: torch.Tensor, y: np.ndarray, task: str = "binary", prefix: str = "val_"
 ) -> dict[str, float]:
-    return {prefix + k: v for k, v in binary_metrics(y, predict_proba(model, x)).items()}
+    return {prefix + k: v for k, v in task_metrics(task, y, predict(model, x, task)).items()}
 
 
 def save_checkpoint(
@@ -114,17 +150,20 @@ def fit_in_process(
     seed: int,
     device: str = "cpu",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    task: str = "binary",
+    loss_fn: Loss | None = None,
 ) -> list[dict[str, float]]:
     """The whole loop in one process without Ray (debugging, GPU checks)."""
     x = torch.as_tensor(train_xy[0], device=device)
-    y = torch.as_tensor(train_xy[1], dtype=torch.float32, device=device)
+    y = label_tensor(train_xy[1], task, device)
     vx = torch.as_tensor(val_xy[0], device=device)
+    loss_fn = loss_fn or make_loss(task)
     steps = math.ceil(len(x) / batch_size)
     history = []
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loss = train_epoch(model, optimizer, x, y, batch_size, steps, g)
-        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, val_xy[1])}
+        loss = train_epoch(model, optimizer, x, y, batch_size, steps, g, loss_fn)
+        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, val_xy[1], task)}
         history.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)

@@ -1,4 +1,4 @@
-"""Binary classification metrics in NumPy (no scikit-learn needed on workers or a GPU box)."""
+"""Metrics per task in NumPy (no scikit-learn needed on workers or a GPU box)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,41 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
     }
+
+
+def multiclass_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and log loss from class probabilities (rows, classes)."""
+    y = np.asarray(y).astype(np.int64)
+    proba = np.clip(np.asarray(proba, dtype=np.float64), 1e-7, 1.0)
+    pred = proba.argmax(axis=1)
+    f1s = []
+    for k in range(proba.shape[1]):
+        tp = float(((pred == k) & (y == k)).sum())
+        fp = float(((pred == k) & (y != k)).sum())
+        fn = float(((pred != k) & (y == k)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "macro_f1": float(np.mean(f1s)),
+        "log_loss": float(-np.log(proba[np.arange(len(y)), y]).mean()) if len(y) else float("nan"),
+    }
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    err = pred - y
+    total = float(((y - y.mean()) ** 2).sum())
+    return {
+        "rmse": float(np.sqrt((err**2).mean())),
+        "mae": float(np.abs(err).mean()),
+        "r2": 1.0 - float((err**2).sum()) / total if total > 0 else float("nan"),
+    }
+
+
+def task_metrics(task: str, y: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """The metrics of a task, from the model's outputs as `predict` gives them."""
+    if task == "multiclass":
+        return multiclass_metrics(y, out)
+    if task == "regression":
+        return regression_metrics(y, out)
+    return binary_metrics(y, out)

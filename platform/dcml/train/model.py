@@ -4,31 +4,55 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 def model_spec(model_cfg, n_features: int, n_outputs: int = 1) -> dict[str, Any]:
+    widths = model_cfg.width if isinstance(model_cfg.width, list) else [model_cfg.width]
     return {
         "kind": "mlp",
         "n_features": n_features,
         "n_outputs": n_outputs,
         "depth": model_cfg.depth,
-        "width": model_cfg.width,
+        "widths": widths * model_cfg.depth if len(widths) == 1 else list(widths),
         "activation": model_cfg.activation,
         "dropout": model_cfg.dropout,
+        "norm": model_cfg.norm,
+        "residual": model_cfg.residual,
     }
+
+
+class Block(nn.Module):
+    """Linear, norm, activation, dropout; plus a skip connection if asked and shapes match."""
+
+    def __init__(self, width_in: int, width: int, spec: dict[str, Any]):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(width_in, width)]
+        if spec.get("norm") == "batch":
+            layers.append(nn.BatchNorm1d(width))
+        elif spec.get("norm") == "layer":
+            layers.append(nn.LayerNorm(width))
+        layers.append(ACTIVATIONS[spec["activation"]]())
+        if spec["dropout"] > 0:
+            layers.append(nn.Dropout(spec["dropout"]))
+        self.layers = nn.Sequential(*layers)
+        self.residual = bool(spec.get("residual")) and width_in == width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layers(x)
+        return x + y if self.residual else y
 
 
 def build_model(spec: dict[str, Any]) -> nn.Sequential:
     """depth 0 is a single linear layer: sigmoid(θᵀx), i.e. logistic regression."""
-    layers: list[nn.Module] = []
+    widths = spec.get("widths") or [spec["width"]] * spec["depth"]  # older specs: one width
+    blocks: list[nn.Module] = []
     width_in = spec["n_features"]
-    for _ in range(spec["depth"]):
-        layers += [nn.Linear(width_in, spec["width"]), ACTIVATIONS[spec["activation"]]()]
-        if spec["dropout"] > 0:
-            layers.append(nn.Dropout(spec["dropout"]))
-        width_in = spec["width"]
-    layers.append(nn.Linear(width_in, spec["n_outputs"]))
-    return nn.Sequential(*layers)
+    for width in widths[: spec["depth"]]:
+        blocks.append(Block(width_in, width, spec))
+        width_in = width
+    blocks.append(nn.Linear(width_in, spec["n_outputs"]))
+    return nn.Sequential(*blocks)

@@ -22,7 +22,9 @@ from dcml.storage import Storage
 from dcml.train.loop import (
     META,
     evaluate,
+    label_tensor,
     load_checkpoint,
+    make_loss,
     make_optimizer,
     save_checkpoint,
     train_epoch,
@@ -41,10 +43,14 @@ def _shard_to_numpy(shard, features: list[str]) -> tuple[np.ndarray, np.ndarray]
     xs, ys = [], []
     for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
         xs.append(np.stack([batch[c] for c in features], axis=1).astype(np.float32))
-        ys.append(batch["label"].astype(np.float32))
+        ys.append(batch["label"])
     if not xs:
         return np.empty((0, len(features)), np.float32), np.empty(0, np.float32)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def n_outputs(task: str, classes: list | None) -> int:
+    return len(classes) if task == "multiclass" else 1
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -54,6 +60,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg = PipelineConfig.model_validate(config["cfg"])
     features: list[str] = config["features"]
+    task: str = config.get("task", "binary")
+    classes: list | None = config.get("classes")
     epochs: int = config.get("epochs") or cfg.train.epochs
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -63,7 +71,11 @@ def train_func(config: dict[str, Any]) -> None:
     # Tabular shards fit in memory: read each worker's shard once, then run epochs over tensors.
     x, y = _shard_to_numpy(ray.train.get_dataset_shard("train"), features)
     vx, vy = _shard_to_numpy(ray.train.get_dataset_shard("validation"), features)
-    x, y = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    weights = None
+    if cfg.train.class_weights == "balanced" and task != "regression":
+        weights = config["class_weights"]  # from the whole training split, not this shard
+    loss_fn = make_loss(task, cfg.train.loss, weights)
+    x, y = torch.as_tensor(x, device=device), label_tensor(y, task, device)
     vx = torch.as_tensor(vx, device=device)
     steps = math.ceil(len(x) / cfg.train.batch_size)
     if world > 1 and torch.distributed.is_initialized():
@@ -72,7 +84,7 @@ def train_func(config: dict[str, Any]) -> None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         steps = int(t.item())
 
-    spec = model_spec(cfg.model, len(features))
+    spec = model_spec(cfg.model, len(features), n_outputs(task, classes))
     model = ray.train.torch.prepare_model(build_model(spec))
     optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     start = 0
@@ -84,12 +96,12 @@ def train_func(config: dict[str, Any]) -> None:
     for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         t0 = time.perf_counter()
-        loss = train_epoch(model, optimizer, x, y, cfg.train.batch_size, steps, g)
+        loss = train_epoch(model, optimizer, x, y, cfg.train.batch_size, steps, g, loss_fn)
         if world > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss], device=device)
             torch.distributed.all_reduce(t)
             loss = t.item() / world
-        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy)}
+        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task)}
         metrics["epoch_s"] = time.perf_counter() - t0
         last = epoch == epochs - 1
         if rank == 0 and config.get("progress", True):
@@ -150,11 +162,11 @@ def build_trainer(
     )
     from ray.train.torch import TorchTrainer
 
-    if dataset.manifest["task"] != "binary":
-        raise ValueError(
-            f"dataset {dataset.ref} has task {dataset.manifest['task']!r}; training supports "
-            "binary classification so far (multiclass and regression heads are not built yet)"
-        )
+    m = dataset.manifest
+    class_weights = None
+    if m.get("class_counts"):  # inverse frequency over the whole training split
+        counts = np.asarray(m["class_counts"]["train"], dtype=np.float64)
+        class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
     workers = workers or cfg.train.workers
     check_resources(cfg, workers)
     fs = storage.arrow_fs()
@@ -168,7 +180,10 @@ def build_trainer(
         train_func,
         train_loop_config={
             "cfg": cfg.model_dump(),
-            "features": dataset.manifest["features"],
+            "features": m["features"],
+            "task": m["task"],
+            "classes": m["classes"],
+            "class_weights": class_weights,
             "epochs": epochs,
             "progress": progress,
         },

@@ -1,0 +1,74 @@
+"""Multiclass and regression through preprocess, Ray Train (DDP), registration and the predictor."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dcml.pipeline import raw_test_rows, stage_register, stage_train
+from dcml.predictor import Predictor
+from dcml.storage import Storage
+
+from .conftest import make_config
+from .test_data import run, write_shards
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+
+def table(n: int = 1500, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    f1, f2 = rng.normal(size=n), rng.normal(size=n)
+    quadrant = np.array(["ne", "nw", "se", "sw"])[(f1 < 0).astype(int) + 2 * (f2 < 0)]
+    return pa.table(
+        {
+            "id": np.arange(n),
+            "f1": f1,
+            "f2": f2,
+            "shade": rng.choice(["dark", "light"], n),
+            "kind": quadrant,
+            "target": 2 * f1 - f2 + rng.normal(0, 0.1, n),
+        }
+    )
+
+
+def train_and_register(tmp_path, name, task, label, workers):
+    dv, storage = run(tmp_path, name=name, task=task, label=label, numeric=["f1", "f2"])
+    cfg = make_config(
+        tmp_path / "store",
+        name=name,
+        data={"name": name, "task": task, "label": label},
+        model={"depth": 2, "width": [32, 32], "norm": "layer", "residual": True, "dropout": 0.0},
+        train={"workers": workers, "epochs": 12, "batch_size": 32, "lr": 0.01},
+    )
+    _, outcome = stage_train(cfg, dv.ref, log=lambda _: None)
+    mv = stage_register(cfg, dv, outcome.checkpoint_path, {"run_id": outcome.run_id}, [])
+    return cfg, dv, mv, Storage.from_config(cfg)
+
+
+def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
+    write_shards(tmp_path / "raw", table(), 3)
+    cfg, dv, mv, storage = train_and_register(tmp_path, "quad", "multiclass", "kind", workers=2)
+    assert cfg.train.metric == "val_macro_f1" and cfg.train.mode == "max"
+    assert dv.manifest["classes"] == ["ne", "nw", "se", "sw"]
+    assert mv.meta["model_spec"]["n_outputs"] == 4
+    assert mv.meta["metrics"]["test_accuracy"] > 0.85
+    assert mv.meta["metrics"]["test_macro_f1"] > 0.85
+
+    rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
+    answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
+    assert {a["label"] for a in answers} <= set(dv.manifest["classes"])
+    assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-4 for a in answers)
+    right = np.mean(
+        [a["label"] == dv.manifest["classes"][r["label"]] for a, r in zip(answers, rows)]
+    )
+    assert right > 0.8
+
+
+def test_regression_trains_and_predicts_values(tmp_path):
+    write_shards(tmp_path / "raw", table(seed=1), 2)
+    cfg, dv, mv, storage = train_and_register(tmp_path, "reg", "regression", "target", workers=1)
+    assert cfg.train.metric == "val_rmse" and cfg.train.mode == "min"
+    assert mv.meta["metrics"]["test_r2"] > 0.9
+    rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
+    answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
+    err = np.array([a["value"] for a in answers]) - np.array([r["label"] for r in rows])
+    assert np.sqrt((err**2).mean()) < 0.5
