@@ -132,7 +132,7 @@ def test_loop_runs_without_ray_and_learns_logistic_regression(tmp_path):
     # a checkpoint round-trips without pickle, and the predictor reproduces the model
     save_checkpoint(str(tmp_path), model, opt, 14, {"model_spec": spec})
     fresh = build_model(spec)
-    assert load_checkpoint(str(tmp_path), fresh, make_optimizer(fresh, "sgd", 0.05, 0.0)) == 15
+    assert load_checkpoint(str(tmp_path), fresh, make_optimizer(fresh, "sgd", 0.05, 0.0))[0] == 15
     meta = {
         "name": "bc",
         "version": 1,
@@ -334,3 +334,54 @@ def test_loop_learns_regression_and_multiclass_without_ray():
             loss_fn=make_loss(task, "huber" if task == "regression" else "auto"),
         )
         assert history[-1][key] > bar, (task, history[-1])
+
+
+def test_schedules_and_early_stopping():
+    from dcml.config import TrainConfig
+    from dcml.train.loop import EarlyStop, lr_factor
+
+    t = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
+    factors = [lr_factor(e, t) for e in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] < 0.1
+    t = TrainConfig(epochs=10, schedule="step", step_size=3, gamma=0.5)
+    assert [lr_factor(e, t) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+    stop = EarlyStop("max", patience=2)
+    assert [stop.update(v) for v in (0.5, 0.6, 0.59, 0.6, 0.58)] == [False] * 3 + [True] * 2
+    assert "no improvement for 2 epochs" in stop.reason
+    stop = EarlyStop("min", target=0.1)
+    assert [stop.update(v) for v in (0.5, 0.2, 0.09)] == [False, False, True]
+
+
+def test_step_options_accumulate_clip_l1_and_bf16_still_learn():
+    from dcml.train.loop import EarlyStop, StepOptions
+
+    t, features, pre, splits = _breast_cancer_xy()
+    x = pre.transform({c: t.column(c).to_numpy() for c in features})
+    y = t.column("label").to_numpy().astype(np.float32)
+    tr, va = splits == "train", splits == "validation"
+    torch.manual_seed(0)
+    spec = {
+        "n_features": len(features),
+        "n_outputs": 1,
+        "depth": 1,
+        "widths": [16],
+        "activation": "relu",
+        "dropout": 0.0,
+    }
+    model = build_model(spec)
+    opt = make_optimizer(model, "sgd", 0.05, 0.0, momentum=0.9)
+    options = StepOptions(accum=2, clip=1.0, l1=1e-4, precision="bf16")
+    history = fit_in_process(
+        model,
+        (x[tr], y[tr]),
+        (x[va], y[va]),
+        40,
+        16,
+        opt,
+        seed=0,
+        options=options,
+        stop=("val_roc_auc", EarlyStop("max", patience=3)),
+    )
+    assert history[-1]["val_roc_auc"] >= 0.97
+    assert len(history) < 40  # early stopping ended it

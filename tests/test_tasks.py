@@ -30,23 +30,23 @@ def table(n: int = 1500, seed: int = 0) -> pa.Table:
     )
 
 
-def train_and_register(tmp_path, name, task, label, workers):
+def train_and_register(tmp_path, name, task, label, workers, **train):
     dv, storage = run(tmp_path, name=name, task=task, label=label, numeric=["f1", "f2"])
     cfg = make_config(
         tmp_path / "store",
         name=name,
         data={"name": name, "task": task, "label": label},
         model={"depth": 2, "width": [32, 32], "norm": "layer", "residual": True, "dropout": 0.0},
-        train={"workers": workers, "epochs": 12, "batch_size": 32, "lr": 0.01},
+        train={"workers": workers, "epochs": 12, "batch_size": 32, "lr": 0.01, **train},
     )
     _, outcome = stage_train(cfg, dv.ref, log=lambda _: None)
     mv = stage_register(cfg, dv, outcome.checkpoint_path, {"run_id": outcome.run_id}, [])
-    return cfg, dv, mv, Storage.from_config(cfg)
+    return cfg, dv, mv, Storage.from_config(cfg), outcome
 
 
 def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
     write_shards(tmp_path / "raw", table(), 3)
-    cfg, dv, mv, storage = train_and_register(tmp_path, "quad", "multiclass", "kind", workers=2)
+    cfg, dv, mv, storage, _ = train_and_register(tmp_path, "quad", "multiclass", "kind", workers=2)
     assert cfg.train.metric == "val_macro_f1" and cfg.train.mode == "max"
     assert dv.manifest["classes"] == ["ne", "nw", "se", "sw"]
     assert mv.meta["model_spec"]["n_outputs"] == 4
@@ -65,8 +65,21 @@ def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
 
 def test_regression_trains_and_predicts_values(tmp_path):
     write_shards(tmp_path / "raw", table(seed=1), 2)
-    cfg, dv, mv, storage = train_and_register(tmp_path, "reg", "regression", "target", workers=1)
+    cfg, dv, mv, storage, outcome = train_and_register(
+        tmp_path,
+        "reg",
+        "regression",
+        "target",
+        workers=1,
+        epochs=40,
+        target=0.3,
+        schedule="cosine",
+        warmup_epochs=1,
+        loss="huber",
+    )
     assert cfg.train.metric == "val_rmse" and cfg.train.mode == "min"
+    # "training done?": the target metric value ended the run before its 40 epochs
+    assert outcome.metrics["val_rmse"] <= 0.3 and outcome.metrics["epoch"] < 39
     assert mv.meta["metrics"]["test_r2"] > 0.9
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)

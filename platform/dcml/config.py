@@ -216,7 +216,25 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Batch size per worker.")
     lr: float = Field(3e-3, gt=0, description="Learning rate.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimiser.")
-    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; 0: plain gradient descent.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 regularisation (weight decay).")
+    l1: float = Field(0.0, ge=0, description="L1 regularisation: this times the sum of |weights|.")
+    schedule: Literal["none", "cosine", "step", "plateau"] = Field(
+        "none", description="Learning-rate schedule over the epochs."
+    )
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up of the learning rate.")
+    step_size: int = Field(10, ge=1, description="schedule=step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="schedule=step/plateau: decay factor.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    grad_accum: int = Field(1, ge=1, description="Mini-batches per optimiser step.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: autocast (CPU and GPU); fp16: autocast with a grad scaler (GPU)."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Early stopping: epochs without improvement of the metric."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: the least improvement.")
+    target: float | None = Field(None, description="Stop once the metric reaches this value.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
     max_failures: int = Field(2, ge=0, description="Worker failures to recover from.")
     metric: str = Field(

@@ -5,10 +5,12 @@ Nothing here imports Ray, so the same step can be checked on a machine that has 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,10 +25,26 @@ TRAIN_STATE = "train_state.pt"
 META = "meta.json"
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float):
+@dataclass(frozen=True)
+class StepOptions:
+    """How each optimiser step is taken (from `train.*` in the config)."""
+
+    accum: int = 1  # mini-batches per optimiser step
+    clip: float | None = None  # max gradient norm
+    l1: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+
+    @classmethod
+    def from_config(cls, t) -> StepOptions:
+        return cls(t.grad_accum, t.grad_clip, t.l1, t.precision)
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+):
     params = model.parameters()
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -57,6 +75,58 @@ def label_tensor(y: np.ndarray, task: str, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
 
 
+def lr_factor(epoch: int, t) -> float:
+    """The learning rate of `epoch` relative to `train.lr`: warm-up, then the schedule
+    (plateau decays are applied by `ReduceLROnPlateau` on top of this)."""
+    if epoch < t.warmup_epochs:
+        return (epoch + 1) / (t.warmup_epochs + 1)
+    after = epoch - t.warmup_epochs
+    if t.schedule == "cosine":
+        span = max(t.epochs - t.warmup_epochs, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
+    if t.schedule == "step":
+        return t.gamma ** (after // t.step_size)
+    return 1.0
+
+
+@dataclass
+class EarlyStop:
+    """ "Training done?": no improvement for `patience` epochs, or the metric reached `target`."""
+
+    mode: str  # max | min
+    patience: int | None = None
+    min_delta: float = 0.0
+    target: float | None = None
+    best: float | None = None
+    bad_epochs: int = 0
+    reason: str = ""  # why it stopped
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's metric; True when training should stop."""
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        if self.target is not None and sign * (value - self.target) >= 0:
+            self.reason = f"reached the target {self.target:g}"
+        elif self.patience is not None and self.bad_epochs >= self.patience:
+            self.reason = f"no improvement for {self.patience} epochs"
+        return bool(self.reason)
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -66,6 +136,8 @@ def train_epoch(
     steps: int,
     generator: torch.Generator,
     loss_fn: Loss | None = None,
+    options: StepOptions = StepOptions(),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass of `steps` mini-batches over (x, y) in a seeded random order; mean loss.
 
@@ -75,15 +147,29 @@ def train_epoch(
     loss_fn = loss_fn or make_loss("binary")
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = 0.0
+    optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
         idx = order[(step * batch_size) % len(x) :][:batch_size]
-        loss = loss_fn(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with autocast(x.device, options.precision):
+            loss = loss_fn(model(x[idx]).float(), y[idx])
+        if options.l1:
+            loss = loss + options.l1 * sum(p.abs().sum() for p in model.parameters())
         total += loss.item()
         if not math.isfinite(total):
             raise FloatingPointError(f"training loss became {total} at step {step}")
+        loss = loss / options.accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        if (step + 1) % options.accum == 0 or step == steps - 1:
+            if scaler:
+                scaler.unscale_(optimizer)
+            if options.clip:
+                nn.utils.clip_grad_norm_(model.parameters(), options.clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return total / max(steps, 1)
 
 
@@ -115,25 +201,34 @@ def evaluate(
 
 
 def save_checkpoint(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, meta: dict[str, Any]
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
+    """Weights as safetensors; optimiser (and scheduler, early-stopping) state for resuming."""
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(state, os.path.join(path, WEIGHTS))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(path, TRAIN_STATE)
+        {"optimizer": optimizer.state_dict(), "epoch": epoch, "extra": extra or {}},
+        os.path.join(path, TRAIN_STATE),
     )
     with open(os.path.join(path, META), "w") as f:
         json.dump({**meta, "epoch": epoch}, f, indent=2, sort_keys=True)
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Restore weights (and optimiser state) without pickle; return the next epoch to run."""
+def load_checkpoint(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[int, dict[str, Any]]:
+    """Restore weights (and optimiser state) without pickle; (next epoch, the extra state)."""
     unwrap(model).load_state_dict(load_file(os.path.join(path, WEIGHTS)))
     state = torch.load(os.path.join(path, TRAIN_STATE), weights_only=True, map_location="cpu")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1
+    return int(state["epoch"]) + 1, state.get("extra", {})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -152,8 +247,13 @@ def fit_in_process(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     task: str = "binary",
     loss_fn: Loss | None = None,
+    options: StepOptions = StepOptions(),
+    stop: tuple[str, EarlyStop] | None = None,
 ) -> list[dict[str, float]]:
-    """The whole loop in one process without Ray (debugging, GPU checks)."""
+    """The whole loop in one process without Ray (debugging, GPU checks).
+
+    `stop` is (metric, EarlyStop): the loop ends early when it says so.
+    """
     x = torch.as_tensor(train_xy[0], device=device)
     y = label_tensor(train_xy[1], task, device)
     vx = torch.as_tensor(val_xy[0], device=device)
@@ -162,9 +262,11 @@ def fit_in_process(
     history = []
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loss = train_epoch(model, optimizer, x, y, batch_size, steps, g, loss_fn)
+        loss = train_epoch(model, optimizer, x, y, batch_size, steps, g, loss_fn, options)
         metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, val_xy[1], task)}
         history.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)
+        if stop is not None and stop[1].update(metrics[stop[0]]):
+            break
     return history

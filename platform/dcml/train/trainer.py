@@ -21,9 +21,12 @@ from dcml.data.preprocess import DatasetVersion
 from dcml.storage import Storage
 from dcml.train.loop import (
     META,
+    EarlyStop,
+    StepOptions,
     evaluate,
     label_tensor,
     load_checkpoint,
+    lr_factor,
     make_loss,
     make_optimizer,
     save_checkpoint,
@@ -84,26 +87,48 @@ def train_func(config: dict[str, Any]) -> None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         steps = int(t.item())
 
+    tc = cfg.train
     spec = model_spec(cfg.model, len(features), n_outputs(task, classes))
     model = ray.train.torch.prepare_model(build_model(spec))
-    optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
+    plateau = None
+    if tc.schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=tc.mode, factor=tc.gamma, patience=2
+        )
+    stop = EarlyStop(tc.mode, tc.patience, tc.min_delta, tc.target)
+    options = StepOptions.from_config(tc)
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            start = load_checkpoint(d, model, optimizer)
+            start, extra = load_checkpoint(d, model, optimizer)
+        if plateau is not None and "plateau" in extra:
+            plateau.load_state_dict(extra["plateau"])
+        stop.best, stop.bad_epochs = extra.get("best"), extra.get("bad_epochs", 0)
 
     for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         t0 = time.perf_counter()
-        loss = train_epoch(model, optimizer, x, y, cfg.train.batch_size, steps, g, loss_fn)
+        if plateau is None or epoch < tc.warmup_epochs:  # plateau decays from its own state
+            for group in optimizer.param_groups:
+                group["lr"] = tc.lr * lr_factor(epoch, tc)
+        loss = train_epoch(
+            model, optimizer, x, y, tc.batch_size, steps, g, loss_fn, options, scaler
+        )
         if world > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss], device=device)
             torch.distributed.all_reduce(t)
             loss = t.item() / world
         metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task)}
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_s"] = time.perf_counter() - t0
-        last = epoch == epochs - 1
+        if plateau is not None and epoch >= tc.warmup_epochs:
+            plateau.step(metrics[tc.metric])
+        # Every rank sees the same validation metrics (the model is in sync), so all stop together.
+        done = stop.update(metrics[tc.metric])
+        last = epoch == epochs - 1 or done
         if rank == 0 and config.get("progress", True):
             shown = " ".join(
                 f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_"))
@@ -113,12 +138,17 @@ def train_func(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     meta = {"metrics": metrics, "model_spec": spec, "features": features}
-                    save_checkpoint(d, model, optimizer, epoch, meta)
+                    extra = {**stop.state(), "plateau": plateau.state_dict() if plateau else None}
+                    save_checkpoint(d, model, optimizer, epoch, meta, extra)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
         else:
             ray.train.report(metrics)
+        if done:
+            if rank == 0 and config.get("progress", True):
+                print(f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}")
+            break
 
 
 def check_resources(cfg: PipelineConfig, workers: int) -> None:
