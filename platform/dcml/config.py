@@ -236,6 +236,9 @@ class TrainConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="Early stopping: the least improvement.")
     target: float | None = Field(None, description="Stop once the metric reaches this value.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept per run: the best K by the metric."
+    )
     max_failures: int = Field(2, ge=0, description="Worker failures to recover from.")
     metric: str = Field(
         "auto",

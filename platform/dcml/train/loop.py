@@ -146,7 +146,7 @@ def train_epoch(
     model.train()
     loss_fn = loss_fn or make_loss("binary")
     order = torch.randperm(len(x), generator=generator).to(x.device)
-    total = 0.0
+    total = torch.zeros((), device=x.device)  # summed on the device: no sync per step
     optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
         idx = order[(step * batch_size) % len(x) :][:batch_size]
@@ -154,9 +154,7 @@ def train_epoch(
             loss = loss_fn(model(x[idx]).float(), y[idx])
         if options.l1:
             loss = loss + options.l1 * sum(p.abs().sum() for p in model.parameters())
-        total += loss.item()
-        if not math.isfinite(total):
-            raise FloatingPointError(f"training loss became {total} at step {step}")
+        total += loss.detach()
         loss = loss / options.accum
         (scaler.scale(loss) if scaler else loss).backward()
         if (step + 1) % options.accum == 0 or step == steps - 1:
@@ -170,7 +168,10 @@ def train_epoch(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return total / max(steps, 1)
+    mean = total.item() / max(steps, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"training loss became {mean}")
+    return mean
 
 
 @torch.no_grad()

@@ -230,7 +230,7 @@ def build_trainer(
             storage_path=storage_path or storage.path("runs"),
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2,
+                num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.metric,
                 checkpoint_score_order=cfg.train.mode,
             ),
