@@ -80,6 +80,11 @@ def test_regression_trains_and_predicts_values(tmp_path):
     assert cfg.train.metric == "val_rmse" and cfg.train.mode == "min"
     # "training done?": the target metric value ended the run before its 40 epochs
     assert outcome.metrics["val_rmse"] <= 0.3 and outcome.metrics["epoch"] < 39
+    # the run's history: one row per epoch run, with the losses, metrics and learning rate
+    history = (tmp_path / "store" / "runs" / outcome.run_id / "history.csv").read_text()
+    lines = history.strip().splitlines()
+    assert {"epoch", "train_loss", "val_rmse", "val_r2", "lr"} <= set(lines[0].split(","))
+    assert len(lines) - 1 == outcome.metrics["epoch"] + 1
     assert mv.meta["metrics"]["test_r2"] > 0.9
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)

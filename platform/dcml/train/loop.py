@@ -6,6 +6,7 @@ Nothing here imports Ray, so the same step can be checked on a machine that has 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from dcml.train.metrics import task_metrics
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
 META = "meta.json"
+HISTORY = "history.csv"
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,23 @@ def save_checkpoint(
     )
     with open(os.path.join(path, META), "w") as f:
         json.dump({**meta, "epoch": epoch}, f, indent=2, sort_keys=True)
+
+
+def write_history(path: str, history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics as CSV (one row per epoch, the union of columns)."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    with open(os.path.join(path, HISTORY), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def read_history(path: str) -> list[dict[str, float]]:
+    file = os.path.join(path, HISTORY)
+    if not os.path.exists(file):
+        return []
+    with open(file, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def load_checkpoint(

@@ -20,6 +20,7 @@ from dcml.config import PipelineConfig
 from dcml.data.preprocess import DatasetVersion
 from dcml.storage import Storage
 from dcml.train.loop import (
+    HISTORY,
     META,
     EarlyStop,
     StepOptions,
@@ -29,8 +30,10 @@ from dcml.train.loop import (
     lr_factor,
     make_loss,
     make_optimizer,
+    read_history,
     save_checkpoint,
     train_epoch,
+    write_history,
 )
 from dcml.train.model import build_model, model_spec
 
@@ -99,11 +102,12 @@ def train_func(config: dict[str, Any]) -> None:
     stop = EarlyStop(tc.mode, tc.patience, tc.min_delta, tc.target)
     options = StepOptions.from_config(tc)
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-    start = 0
+    start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             start, extra = load_checkpoint(d, model, optimizer)
+            history = read_history(d)
         if plateau is not None and "plateau" in extra:
             plateau.load_state_dict(extra["plateau"])
         stop.best, stop.bad_epochs = extra.get("best"), extra.get("bad_epochs", 0)
@@ -124,6 +128,7 @@ def train_func(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task)}
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_s"] = time.perf_counter() - t0
+        history.append(metrics)
         if plateau is not None and epoch >= tc.warmup_epochs:
             plateau.step(metrics[tc.metric])
         # Every rank sees the same validation metrics (the model is in sync), so all stop together.
@@ -140,6 +145,7 @@ def train_func(config: dict[str, Any]) -> None:
                     meta = {"metrics": metrics, "model_spec": spec, "features": features}
                     extra = {**stop.state(), "plateau": plateau.state_dict() if plateau else None}
                     save_checkpoint(d, model, optimizer, epoch, meta, extra)
+                    write_history(d, history)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
@@ -261,8 +267,25 @@ def fit(
     cfg: PipelineConfig, storage: Storage, dataset: DatasetVersion, run_id: str
 ) -> TrainOutcome:
     build_trainer(cfg, storage, dataset, run_id).fit()
-    path = best_checkpoint(storage, storage.path("runs", run_id), cfg.train.metric, cfg.train.mode)
+    run = storage.path("runs", run_id)
+    _publish_history(storage, run)
+    path = best_checkpoint(storage, run, cfg.train.metric, cfg.train.mode)
     return TrainOutcome(run_id, path, storage.read_json(f"{path}/{META}")["metrics"])
+
+
+def _publish_history(storage: Storage, run: str) -> None:
+    """runs/<run_id>/history.csv: the per-epoch metrics of the run's latest checkpoint."""
+    latest = None
+    for name in storage.ls(run):
+        meta = f"{run}/{name}/{META}"
+        if name.startswith("checkpoint_") and storage.exists(f"{run}/{name}/{HISTORY}"):
+            epoch = storage.read_json(meta)["epoch"]
+            latest = max(latest or (epoch, name), (epoch, name))
+    if latest is not None:
+        with storage.fs.open(f"{run}/{latest[1]}/{HISTORY}", "rb") as f:
+            data = f.read()
+        with storage.fs.open(f"{run}/{HISTORY}", "wb") as f:
+            f.write(data)
 
 
 def new_run_id(prefix: str) -> str:
