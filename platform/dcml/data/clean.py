@@ -29,7 +29,6 @@ DROP_REASONS = {
     MISSING_ID: "missing_id",
     DUPLICATE: "duplicate",
 }
-BOOKKEEPING = ["_label", "_split", "_u", "_dup", "_file", "_row", "_drop"]
 _NULL_TEXT = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
 
 
@@ -191,6 +190,12 @@ class ReadAndClean:
         return y
 
 
+def order_keys(batch: pa.Table) -> np.ndarray:
+    """A row's place in the input: file index in the high 32 bits, row in the low."""
+    files = batch.column("_file").to_numpy(zero_copy_only=False).astype(np.int64)
+    return (files << 32) + batch.column("_row").to_numpy(zero_copy_only=False)
+
+
 def keep_rows(losers: np.ndarray, classes: list | None, task: str):
     """Drop marked rows and the duplicates in `losers` (sorted order keys); encode the label."""
     class_keys = pa.array([class_key(c) for c in classes or []], pa.string())
@@ -198,8 +203,7 @@ def keep_rows(losers: np.ndarray, classes: list | None, task: str):
     def keep(batch: pa.Table) -> pa.Table:
         ok = batch.column("_drop").to_numpy(zero_copy_only=False) == KEEP
         if len(losers):
-            files = batch.column("_file").to_numpy(zero_copy_only=False).astype(np.int64)
-            order = (files << 32) + batch.column("_row").to_numpy(zero_copy_only=False)
+            order = order_keys(batch)
             pos = np.clip(np.searchsorted(losers, order), 0, len(losers) - 1)
             ok &= losers[pos] != order
         batch = batch.filter(pa.array(ok))

@@ -8,7 +8,11 @@ class DataError(ValueError):
 
 
 def find_data_error(exc: BaseException) -> DataError | None:
-    """The DataError behind an exception that Ray Data raised for a failed task, if any."""
+    """The DataError behind an exception (Ray Data's failed-task wrappers included), if any.
+
+    A DataError that came back from a Ray task carries the remote traceback in its text; the
+    one returned holds only the original message.
+    """
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -17,6 +21,11 @@ def find_data_error(exc: BaseException) -> DataError | None:
             continue
         seen.add(id(e))
         if isinstance(e, DataError):
-            return e
+            if type(e) is DataError:
+                return e
+            text, marker = str(e), "DataError: "
+            if marker in text:
+                text = text[text.rindex(marker) + len(marker) :].strip().splitlines()[0]
+            return DataError(text)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None

@@ -25,7 +25,7 @@ import ray.data
 from ray.data.expressions import col
 
 from dcml.config import PipelineConfig
-from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows
+from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows, order_keys
 from dcml.data.columns import Columns, class_key, infer_columns
 from dcml.data.errors import DataError, find_data_error
 from dcml.data.gate import GateSpec, merge_stats, run_gate
@@ -86,19 +86,11 @@ def preprocess(cfg: PipelineConfig, storage: Storage, log=print) -> DatasetVersi
         return _build(cfg, storage, fs, files, fmt, cols, fingerprint, log)
     except Exception as e:
         found = find_data_error(e)
-        if found is None or type(found) is DataError and found is e:
+        if found is None or found is e:
             raise
-        raise DataError(_message(found)) from None  # without Ray's task wrappers
+        raise found from None  # the message alone, without Ray's task wrappers
     finally:
         ctx.raise_original_map_exception = saved
-
-
-def _message(e: DataError) -> str:
-    """The message of a DataError that came back from a task, without Ray's traceback text."""
-    text, marker = str(e), "DataError: "
-    if marker not in text:
-        return text
-    return text[text.rindex(marker) + len(marker) :].strip().splitlines()[0]
 
 
 def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> DatasetVersion:
@@ -294,7 +286,7 @@ def _duplicates(ds) -> tuple[np.ndarray, int]:
 
     def keys(batch: pa.Table) -> pa.Table:
         keep = pc.equal(batch.column("_drop"), KEEP)
-        return pa.table({"_dup": batch.column("_dup"), "_order": _order(batch)}).filter(keep)
+        return pa.table({"_dup": batch.column("_dup"), "_order": order_keys(batch)}).filter(keep)
 
     table = pa.concat_tables(
         ds_to_tables(ds.map_batches(keys, batch_format="pyarrow", batch_size=None))
@@ -304,12 +296,6 @@ def _duplicates(ds) -> tuple[np.ndarray, int]:
     repeated = pd.Series(table.column("_dup").to_numpy()[by]).duplicated(keep="first").to_numpy()
     losers = order[by][repeated]
     return losers, len(losers)
-
-
-def _order(batch: pa.Table) -> np.ndarray:
-    """A row's place in the input: file index in the high 32 bits, row in the low."""
-    files = batch.column("_file").to_numpy(zero_copy_only=False).astype(np.int64)
-    return (files << 32) + batch.column("_row").to_numpy(zero_copy_only=False)
 
 
 def _data_config(cfg: PipelineConfig) -> dict[str, Any]:

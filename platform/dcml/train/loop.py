@@ -193,10 +193,6 @@ def predict(model: nn.Module, x: torch.Tensor, task: str, batch_size: int = 8192
     return torch.cat(outs).cpu().numpy() if outs else np.empty(0, dtype=np.float32)
 
 
-def predict_proba(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    return predict(model, x, "binary")
-
-
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: np.ndarray, task: str = "binary", prefix: str = "val_"
 ) -> dict[str, float]:
