@@ -29,6 +29,7 @@ from dcml.train.loop import (  # noqa: E402
     make_optimizer,
     predict,
     save_checkpoint,
+    shuffled_batches,
     train_epoch,
 )
 from dcml.train.metrics import binary_metrics  # noqa: E402
@@ -65,14 +66,14 @@ def run(precision: str, x, y, device, epochs: int, batch: int) -> tuple[torch.nn
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     options = StepOptions(precision=precision)
     loss_fn = make_loss("binary")
-    train_epoch(
-        model, opt, tx, ty, batch, 5, torch.Generator().manual_seed(0), loss_fn, options, scaler
-    )
+    warmup = shuffled_batches(tx, ty, batch, 5, torch.Generator().manual_seed(0))
+    train_epoch(model, opt, warmup, loss_fn, options, scaler)
     sync(device)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(epoch)
-        train_epoch(model, opt, tx, ty, batch, steps, g, loss_fn, options, scaler)
+        batches = shuffled_batches(tx, ty, batch, steps, g)
+        train_epoch(model, opt, batches, loss_fn, options, scaler)
     sync(device)
     return model, epochs * steps * batch / (time.perf_counter() - t0)
 
@@ -146,6 +147,11 @@ def main() -> None:
                     f"{precision}: ROC AUC {m['roc_auc']:.4f} vs fp32 {reference[2]['roc_auc']:.4f}"
                 )
         print(line)
+
+    # class-weighted losses keep their weights on the device of the outputs
+    out, labels = torch.randn(8, 3, device=device), torch.arange(8, device=device) % 3
+    make_loss("multiclass", class_weights=[1.0, 2.0, 3.0], device=device)(out, labels)
+    make_loss("binary", class_weights=[1.0, 2.0], device=device)(out[:, :1], labels.float() % 2)
 
     # The predictor on the device: raw columns -> preprocessor state -> the fp32 model.
     names = [f"f{j}" for j in range(args.features)]

@@ -70,15 +70,24 @@ def train(
     config: Path | None = ConfigArg,
     set_: list[str] | None = SetOpt,
     dataset: str | None = typer.Option(None, help="NAME[@VERSION]; default: latest."),
-    run_id: str | None = typer.Option(None, help="Run id; reuse one to resume it."),
+    run_id: str | None = typer.Option(None, help="Id of a new run (default: generated)."),
+    resume: str | None = typer.Option(
+        None,
+        help="RUN_ID: continue a stored run from its last checkpoint, with its config "
+        "(plus any --set) and dataset.",
+    ),
     register: bool = typer.Option(True, help="Register the best checkpoint."),
     alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
 ):
     """Train with Ray Train (DDP) on a stored dataset version."""
-    from dcml.pipeline import stage_register, stage_train
+    from dcml.pipeline import resumed_config, stage_register, stage_train
 
     cfg = _config(config, set_)
-    dv, outcome = stage_train(cfg, dataset, run_id, _log)
+    if resume:
+        if run_id and run_id != resume:
+            raise ValueError("give --resume RUN_ID alone, without another --run-id")
+        cfg = resumed_config(cfg, resume, set_)
+    dv, outcome = stage_train(cfg, dataset, resume or run_id, _log, resume=bool(resume))
     if register:
         stage_register(
             cfg, dv, outcome.checkpoint_path, {"run_id": outcome.run_id}, alias or [], _log

@@ -6,6 +6,7 @@ allowed there (litgpt's `validate_args` style).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -254,6 +255,29 @@ class TrainConfig(_Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="Classification: weight the loss by inverse class frequency."
     )
+    cache: Literal["device", "memory", "none"] = Field(
+        "device",
+        description="Each worker reads its shard once and keeps it on the training device "
+        "(device; host memory if it does not fit), in host memory (memory), or streams it from "
+        "Ray Data every epoch (none).",
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="cache=none: rows in Ray Data's local shuffle buffer."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune: start from a registered model's weights (NAME@VERSION|ALIAS); "
+        "tensors whose name and shape match are loaded.",
+    )
+    freeze_layers: int = Field(
+        0, ge=0, description="Fine-tune: hidden layers, from the input, whose weights stay fixed."
+    )
+
+    @model_validator(mode="after")
+    def _check_fine_tune(self) -> TrainConfig:
+        if self.freeze_layers and not self.init_from:
+            raise ValueError("freeze_layers needs init_from (a registered model to start from)")
+        return self
 
 
 class TuneConfig(_Section):
@@ -308,7 +332,32 @@ class PipelineConfig(_Section):
         if self.train.mode == "auto":
             name = self.train.metric.removeprefix("val_")
             self.train.mode = "min" if name in MINIMISED else "max"
+        if self.train.freeze_layers > self.model.depth:
+            raise ValueError(
+                f"train.freeze_layers={self.train.freeze_layers} but model.depth is "
+                f"{self.model.depth}: only hidden layers can be frozen"
+            )
         return self
+
+
+# Fields that hold credentials: never stored with runs, models or datasets.
+SECRETS = (("storage", "storage_options"), ("data", "storage_options"), ("serve", "auth_token"))
+
+
+def public_dump(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as JSON to store with a run or model, without credentials."""
+    raw = cfg.model_dump(mode="json")
+    for section, name in SECRETS:
+        raw[section].pop(name, None)
+    return raw
+
+
+def with_secrets(raw: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """A stored config with the credentials of `cfg` (the one the user runs with) put back."""
+    raw = copy.deepcopy(raw)
+    for section, name in SECRETS:
+        raw.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
+    return raw
 
 
 def load_config(
@@ -326,9 +375,17 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return with_overrides(raw, overrides, str(path) if path else "config")
+
+
+def with_overrides(
+    raw: dict[str, Any], overrides: list[str] | None, source: str = "config"
+) -> PipelineConfig:
+    """A raw config (as read from YAML or stored with a run) plus `a.b=value` overrides."""
+    raw = copy.deepcopy(raw)
     for item in overrides or []:
         _apply_override(raw, item)
-    return parse_config(raw, source=str(path) if path else "config")
+    return parse_config(raw, source)
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:

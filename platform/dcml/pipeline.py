@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from dcml import registry
 from dcml.cluster import connect
-from dcml.config import PipelineConfig
+from dcml.config import PipelineConfig, public_dump, with_overrides, with_secrets
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, resolve_dataset
@@ -38,21 +38,59 @@ def stage_preprocess(cfg: PipelineConfig, log: Log = print) -> DatasetVersion:
     return preprocess(cfg, Storage.from_config(cfg), log)
 
 
+RUN_JSON = "run.json"
+
+
+def resumed_config(cfg: PipelineConfig, run_id: str, overrides: list[str] | None = None):
+    """The config a run was started with (found under `cfg`'s storage root), plus overrides
+    (e.g. `train.epochs=40` to train on)."""
+    storage = Storage.from_config(cfg)
+    record = storage.path("runs", run_id, RUN_JSON)
+    if not storage.exists(record):
+        raise LookupError(f"no run {run_id!r} to resume under {storage.uri('runs')}")
+    raw = with_secrets(storage.read_json(record)["config"], cfg)
+    return with_overrides(raw, overrides, f"run {run_id}")
+
+
 def stage_train(
-    cfg: PipelineConfig, dataset_ref: str | None = None, run_id: str | None = None, log: Log = print
+    cfg: PipelineConfig,
+    dataset_ref: str | None = None,
+    run_id: str | None = None,
+    log: Log = print,
+    resume: bool = False,
 ) -> tuple[DatasetVersion, TrainOutcome]:
+    """Train on a dataset version. A run's id, dataset and config are stored in
+    runs/<run_id>/run.json; `resume` continues a stored run from its last checkpoint."""
     connect(cfg.cluster)
     storage = Storage.from_config(cfg)
-    dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
     run_id = run_id or new_run_id("train")
+    record = storage.path("runs", run_id, RUN_JSON)
+    if storage.exists(record):
+        if not resume:
+            raise ValueError(
+                f"run {run_id!r} exists: `dcml train --resume {run_id}` continues it; "
+                "choose another --run-id to start a new one"
+            )
+        dataset_ref = storage.read_json(record)["dataset"]
+    elif resume:
+        raise LookupError(f"no run {run_id!r} to resume under {storage.uri('runs')}")
+    dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
+    if not resume:
+        storage.write_json(
+            record,
+            {"run_id": run_id, "dataset": dataset.ref, "config": public_dump(cfg)},
+        )
     log(
-        f"training on {dataset.ref}: {cfg.train.workers} DDP worker(s), {cfg.train.epochs} epochs, "
-        f"run {run_id}"
+        f"{'resuming' if resume else 'training'} on {dataset.ref}: {cfg.train.workers} DDP "
+        f"worker(s), {cfg.train.epochs} epochs, run {run_id}"
     )
     outcome = fit(cfg, storage, dataset, run_id)
+    test = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
     log(
         f"best checkpoint: epoch {outcome.metrics['epoch'] + 1}, "
-        f"{cfg.train.metric}={outcome.metrics[cfg.train.metric]:.4f}"
+        f"{cfg.train.metric}={outcome.metrics[cfg.train.metric]:.4f}; test {format_metrics(test)}"
+        f"\nrun outputs (history.csv, test_metrics.json, plots/): "
+        f"{storage.uri('runs', run_id)}"
     )
     return dataset, outcome
 
@@ -97,7 +135,7 @@ def stage_register(
             "seed": cfg.seed,
             **lineage,
         },
-        "config": cfg.model_dump(),
+        "config": public_dump(cfg),
     }
     # Test metrics of exactly what gets registered: weights + preprocessor through the Predictor.
     with storage.fs.open(f"{checkpoint_path}/{registry.WEIGHTS}", "rb") as f:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ class StepOptions:
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
 ):
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers take no steps
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -55,11 +56,16 @@ def make_optimizer(
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_loss(task: str, loss: str = "auto", class_weights: list[float] | None = None) -> Loss:
+def make_loss(
+    task: str, loss: str = "auto", class_weights: list[float] | None = None, device=None
+) -> Loss:
     """The loss of a task on the model's raw outputs: BCE with logits (binary, one output),
-    cross-entropy (multiclass), MSE or Huber (regression). `class_weights` weigh classes."""
+    cross-entropy (multiclass), MSE or Huber (regression). `class_weights` weigh classes (their
+    tensor lives on `device`, where the outputs are)."""
     if task == "multiclass":
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        weight = None
+        if class_weights:
+            weight = torch.tensor(class_weights, dtype=torch.float32, device=device)
         ce = nn.CrossEntropyLoss(weight=weight)
         return lambda out, y: ce(out, y.long())
     if task == "regression":
@@ -67,7 +73,8 @@ def make_loss(task: str, loss: str = "auto", class_weights: list[float] | None =
         return lambda out, y: fn(out.squeeze(-1), y)
     pos_weight = None
     if class_weights:
-        pos_weight = torch.tensor([class_weights[1] / class_weights[0]], dtype=torch.float32)
+        ratio = class_weights[1] / class_weights[0]
+        pos_weight = torch.tensor([ratio], dtype=torch.float32, device=device)
     bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     return lambda out, y: bce(out.squeeze(-1), y)
 
@@ -129,74 +136,118 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def shuffled_batches(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
     steps: int,
     generator: torch.Generator,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` mini-batches of cached (x, y) in a seeded random order, moved to `device` if the
+    cache is elsewhere (host memory). Under DDP every rank must take the same number of steps, so
+    `steps` comes from the caller and a rank with fewer rows wraps around."""
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    move = device is not None and torch.device(device) != x.device
+    for step in range(steps):
+        idx = order[(step * batch_size) % len(x) :][:batch_size]
+        xb, yb = x[idx], y[idx]
+        if move:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield xb, yb
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
     loss_fn: Loss | None = None,
     options: StepOptions = StepOptions(),
     scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One pass of `steps` mini-batches over (x, y) in a seeded random order; mean loss.
-
-    Under DDP every rank must take the same number of steps, so `steps` comes from the caller.
-    """
+    """One pass over `batches` of (x, y); the mean loss."""
     model.train()
     loss_fn = loss_fn or make_loss("binary")
-    order = torch.randperm(len(x), generator=generator).to(x.device)
-    total = torch.zeros((), device=x.device)  # summed on the device: no sync per step
+    total, steps, pending = None, 0, False
     optimizer.zero_grad(set_to_none=True)
-    for step in range(steps):
-        idx = order[(step * batch_size) % len(x) :][:batch_size]
-        with autocast(x.device, options.precision):
-            loss = loss_fn(model(x[idx]).float(), y[idx])
+    for xb, yb in batches:
+        with autocast(xb.device, options.precision):
+            loss = loss_fn(model(xb).float(), yb)
         if options.l1:
             loss = loss + options.l1 * sum(p.abs().sum() for p in model.parameters())
-        total += loss.detach()
-        loss = loss / options.accum
-        (scaler.scale(loss) if scaler else loss).backward()
-        if (step + 1) % options.accum == 0 or step == steps - 1:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if options.clip:
-                nn.utils.clip_grad_norm_(model.parameters(), options.clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    mean = total.item() / max(steps, 1)
+        # summed on the device: no host sync per step
+        total = loss.detach() if total is None else total + loss.detach()
+        steps += 1
+        (scaler.scale(loss / options.accum) if scaler else loss / options.accum).backward()
+        pending = True
+        if steps % options.accum == 0:
+            _step(model, optimizer, options, scaler)
+            pending = False
+    if pending:  # the tail of an epoch that is not a multiple of `accum`
+        _step(model, optimizer, options, scaler)
+    mean = total.item() / steps if steps else 0.0
     if not math.isfinite(mean):
         raise FloatingPointError(f"training loss became {mean}")
     return mean
 
 
+def _step(model, optimizer, options: StepOptions, scaler) -> None:
+    if scaler:
+        scaler.unscale_(optimizer)
+    if options.clip:
+        nn.utils.clip_grad_norm_(model.parameters(), options.clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, task: str, batch_size: int = 8192) -> np.ndarray:
-    """Model outputs as a task reads them: P(positive) for binary, class probabilities (rows,
-    classes) for multiclass, the value for regression."""
+def raw_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """The model's outputs (logits, values) in float32, in eval mode."""
     model.eval()
-    outs = []
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size]).float()
-        if task == "multiclass":
-            outs.append(torch.softmax(out, dim=-1))
-        elif task == "regression":
-            outs.append(out.squeeze(-1))
-        else:
-            outs.append(torch.sigmoid(out.squeeze(-1)))
-    return torch.cat(outs).cpu().numpy() if outs else np.empty(0, dtype=np.float32)
+    outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, device=x.device)
 
 
+def read_outputs(out: torch.Tensor, task: str) -> np.ndarray:
+    """Outputs as a task reads them: P(positive) for binary, class probabilities (rows,
+    classes) for multiclass, the value for regression."""
+    if task == "multiclass":
+        out = torch.softmax(out, dim=-1)
+    elif task == "regression":
+        out = out.squeeze(-1)
+    else:
+        out = torch.sigmoid(out.squeeze(-1))
+    return out.cpu().numpy()
+
+
+def predict(model: nn.Module, x: torch.Tensor, task: str, batch_size: int = 8192) -> np.ndarray:
+    if len(x) == 0:
+        return np.empty(0, dtype=np.float32)
+    return read_outputs(raw_outputs(model, x, batch_size), task)
+
+
+@torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: np.ndarray, task: str = "binary", prefix: str = "val_"
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    task: str = "binary",
+    loss_fn: Loss | None = None,
+    prefix: str = "val_",
 ) -> dict[str, float]:
-    return {prefix + k: v for k, v in task_metrics(task, y, predict(model, x, task)).items()}
+    """The task's metrics on (x, y), and `loss` (the training loss) when `loss_fn` is given."""
+    out = raw_outputs(model, x)
+    metrics = task_metrics(task, y, read_outputs(out, task))
+    if loss_fn is not None:
+        metrics = {"loss": float(loss_fn(out, label_tensor(y, task, out.device))), **metrics}
+    return {prefix + k: v for k, v in metrics.items()}
 
 
 def save_checkpoint(
@@ -233,7 +284,12 @@ def read_history(path: str) -> list[dict[str, float]]:
     if not os.path.exists(file):
         return []
     with open(file, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return parse_history(f.read())
+
+
+def parse_history(text: str) -> list[dict[str, float]]:
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in rows]
 
 
 def load_checkpoint(
@@ -245,6 +301,26 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]) + 1, state.get("extra", {})
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Fine-tuning: load the tensors of `state` whose name and shape match the model's (a new
+    head or wider layers start fresh); the names loaded."""
+    own = unwrap(model).state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    unwrap(model).load_state_dict(matched, strict=False)
+    return sorted(matched)
+
+
+def freeze(model: nn.Module, layers: int) -> list[str]:
+    """Fix the weights of the first `layers` hidden layers (from the input); their names.
+    Call before wrapping the model in DDP, which then leaves them out of gradient sync."""
+    names = []
+    for i, block in enumerate(list(unwrap(model))[:layers]):
+        for name, p in block.named_parameters():
+            p.requires_grad_(False)
+            names.append(f"{i}.{name}")
+    return names
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -278,8 +354,13 @@ def fit_in_process(
     history = []
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loss = train_epoch(model, optimizer, x, y, batch_size, steps, g, loss_fn, options)
-        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, val_xy[1], task)}
+        batches = shuffled_batches(x, y, batch_size, steps, g)
+        loss = train_epoch(model, optimizer, batches, loss_fn, options)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss,
+            **evaluate(model, vx, val_xy[1], task, loss_fn),
+        }
         history.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)

@@ -15,26 +15,34 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 
 from dcml.config import PipelineConfig
-from dcml.data.preprocess import DatasetVersion
+from dcml.data.preprocess import DatasetVersion, read_split_numpy
 from dcml.storage import Storage
 from dcml.train.loop import (
     HISTORY,
     META,
+    WEIGHTS,
     EarlyStop,
     StepOptions,
     evaluate,
+    freeze,
     label_tensor,
     load_checkpoint,
+    load_matching,
     lr_factor,
     make_loss,
     make_optimizer,
+    parse_history,
+    predict,
     read_history,
     save_checkpoint,
+    shuffled_batches,
     train_epoch,
     write_history,
 )
+from dcml.train.metrics import task_metrics
 from dcml.train.model import build_model, model_spec
 
 
@@ -43,16 +51,46 @@ class TrainOutcome:
     run_id: str
     checkpoint_path: str  # fsspec path of the best checkpoint folder
     metrics: dict[str, Any]  # the best checkpoint's validation metrics
+    test_metrics: dict[str, float]  # the best checkpoint on the test split
 
 
-def _shard_to_numpy(shard, features: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
-        xs.append(np.stack([batch[c] for c in features], axis=1).astype(np.float32))
-        ys.append(batch["label"])
-    if not xs:
-        return np.empty((0, len(features)), np.float32), np.empty(0, np.float32)
-    return np.concatenate(xs), np.concatenate(ys)
+TEST_METRICS = "test_metrics.json"
+PLOTS = "plots"
+
+
+def _collate(features: list[str], task: str):
+    """Ray Data batches (numpy columns) -> (features, label) tensors."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class FeaturesAndLabel(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = np.stack([batch[c] for c in features], axis=1).astype(np.float32, copy=False)
+            return torch.from_numpy(x), label_tensor(batch["label"].copy(), task, "cpu")
+
+    return FeaturesAndLabel()
+
+
+def cache_shard(
+    shard, collate, device: torch.device, where: str, name: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a worker's whole shard once through `iter_torch_batches` and keep it: on `device`
+    (where="device"; on a GPU only if it fits in half its free memory) or in host memory."""
+    parts = list(shard.iter_torch_batches(batch_size=8192, collate_fn=collate, device="cpu"))
+    if not parts:
+        raise RuntimeError(f"a worker's {name} shard is empty: use fewer train.workers")
+    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if device.type == "cpu":
+        return x, y
+    if where == "device":
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        if x.nbytes + y.nbytes < free / 2:
+            return x.to(device), y.to(device)
+        print(
+            f"[dcml] the shard ({x.nbytes / 2**30:.1f} GiB) does not fit on {device}; "
+            "caching it in host memory",
+            flush=True,
+        )
+    return x.pin_memory(), y.pin_memory()
 
 
 def n_outputs(task: str, classes: list | None) -> int:
@@ -74,25 +112,38 @@ def train_func(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    # Tabular shards fit in memory: read each worker's shard once, then run epochs over tensors.
-    x, y = _shard_to_numpy(ray.train.get_dataset_shard("train"), features)
-    vx, vy = _shard_to_numpy(ray.train.get_dataset_shard("validation"), features)
-    weights = None
-    if cfg.train.class_weights == "balanced" and task != "regression":
-        weights = config["class_weights"]  # from the whole training split, not this shard
-    loss_fn = make_loss(task, cfg.train.loss, weights)
-    x, y = torch.as_tensor(x, device=device), label_tensor(y, task, device)
-    vx = torch.as_tensor(vx, device=device)
-    steps = math.ceil(len(x) / cfg.train.batch_size)
-    if world > 1 and torch.distributed.is_initialized():
-        # every DDP rank must take the same number of steps per epoch
-        t = torch.tensor([steps], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        steps = int(t.item())
-
     tc = cfg.train
+    collate = _collate(features, task)
+    train_shard = ray.train.get_dataset_shard("train")
+    x = y = None
+    if tc.cache != "none":  # read once; every epoch then draws batches from the cache
+        x, y = cache_shard(train_shard, collate, device, tc.cache)
+    vx, vy = cache_shard(
+        ray.train.get_dataset_shard("validation"), collate, device, "device", "validation"
+    )
+    vx, vy = vx.to(device), vy.cpu().numpy()
+    weights = None
+    if tc.class_weights == "balanced" and task != "regression":
+        weights = config["class_weights"]  # from the whole training split, not this shard
+    loss_fn = make_loss(task, tc.loss, weights, device)
+    steps = 0
+    if x is not None:
+        steps = math.ceil(len(x) / tc.batch_size)
+        if world > 1 and torch.distributed.is_initialized():
+            # every DDP rank must take the same number of steps per epoch
+            t = torch.tensor([steps], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            steps = int(t.item())
+
     spec = model_spec(cfg.model, len(features), n_outputs(task, classes))
-    model = ray.train.torch.prepare_model(build_model(spec))
+    model = build_model(spec)
+    checkpoint = ray.train.get_checkpoint()
+    if config.get("init_path") and checkpoint is None:  # fine-tuning (a resumed run has its own)
+        storage = Storage.from_config(cfg)
+        with storage.fs.open(f"{config['init_path']}/{WEIGHTS}", "rb") as f:
+            load_matching(model, load_safetensors(f.read()))
+    freeze(model, tc.freeze_layers)
+    model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
     plateau = None
     if tc.schedule == "plateau":
@@ -103,7 +154,6 @@ def train_func(config: dict[str, Any]) -> None:
     options = StepOptions.from_config(tc)
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             start, extra = load_checkpoint(d, model, optimizer)
@@ -111,6 +161,8 @@ def train_func(config: dict[str, Any]) -> None:
         if plateau is not None and "plateau" in extra:
             plateau.load_state_dict(extra["plateau"])
         stop.best, stop.bad_epochs = extra.get("best"), extra.get("bad_epochs", 0)
+        if rank == 0 and config.get("progress", True):
+            print(f"[dcml] resuming from the checkpoint of epoch {start}", flush=True)
 
     for epoch in range(start, epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
@@ -118,14 +170,23 @@ def train_func(config: dict[str, Any]) -> None:
         if plateau is None or epoch < tc.warmup_epochs:  # plateau decays from its own state
             for group in optimizer.param_groups:
                 group["lr"] = tc.lr * lr_factor(epoch, tc)
-        loss = train_epoch(
-            model, optimizer, x, y, tc.batch_size, steps, g, loss_fn, options, scaler
-        )
+        if x is not None:
+            batches = shuffled_batches(x, y, tc.batch_size, steps, g, device)
+        else:  # streamed: Ray Train's equal split gives every rank the same number of rows
+            batches = train_shard.iter_torch_batches(
+                batch_size=tc.batch_size,
+                collate_fn=collate,
+                device=device,
+                local_shuffle_buffer_size=max(tc.shuffle_buffer, tc.batch_size),
+                local_shuffle_seed=cfg.seed * 100_003 + epoch * 1_009 + rank,
+                prefetch_batches=2,
+            )
+        loss = train_epoch(model, optimizer, batches, loss_fn, options, scaler)
         if world > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss], device=device)
             torch.distributed.all_reduce(t)
             loss = t.item() / world
-        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task)}
+        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task, loss_fn)}
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_s"] = time.perf_counter() - t0
         history.append(metrics)
@@ -175,6 +236,41 @@ def check_resources(cfg: PipelineConfig, workers: int) -> None:
         )
 
 
+def fine_tune_source(
+    cfg: PipelineConfig, storage: Storage, features: list[str], spec: dict[str, Any]
+) -> str | None:
+    """Check that `train.init_from` can seed this model; the registered version's path.
+
+    The features must be the same (same columns, same order: the first layer reads them by
+    position), and every frozen layer must be loaded from it."""
+    ref = cfg.train.init_from
+    if not ref:
+        return None
+    from dcml.registry import resolve_model
+
+    mv = resolve_model(storage, ref)
+    theirs = mv.meta["features"]
+    if theirs != features:
+        missing = [f for f in theirs if f not in features]
+        extra = [f for f in features if f not in theirs]
+        detail = f"missing {missing[:5]}, new {extra[:5]}" if missing or extra else "another order"
+        raise ValueError(
+            f"train.init_from={ref}: it was trained on other features than this dataset's "
+            f"({detail})"
+        )
+    with storage.fs.open(f"{mv.path}/{WEIGHTS}", "rb") as f:
+        loaded = set(load_matching(build_model(spec), load_safetensors(f.read())))
+    model = build_model(spec)
+    unmatched = [n for n in freeze(model, cfg.train.freeze_layers) if n not in loaded]
+    if not loaded or unmatched:
+        raise ValueError(
+            f"train.init_from={ref}: its weights do not fit model "
+            f"(depth {spec['depth']}, widths {spec['widths']}); "
+            + (f"frozen tensors without a match: {unmatched}" if unmatched else "nothing matches")
+        )
+    return mv.path
+
+
 def build_trainer(
     cfg: PipelineConfig,
     storage: Storage,
@@ -205,13 +301,19 @@ def build_trainer(
         class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
     workers = workers or cfg.train.workers
     check_resources(cfg, workers)
+    spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
+    init_path = fine_tune_source(cfg, storage, m["features"], spec)
     fs = storage.arrow_fs()
-    datasets = {
+    datasets = {}
+    for split in ("train", "validation"):
         # Materialised once in the driver: the workers then split blocks already in the object
         # store instead of each starting its own read tasks (seconds per process on a small node).
-        split: ray.data.read_parquet(dataset.split_path(split), filesystem=fs).materialize()
-        for split in ("train", "validation")
-    }
+        # In file order, so that the same seed and worker count give every rank the same rows.
+        ds = ray.data.read_parquet(dataset.split_path(split), filesystem=fs)
+        ds.context.execution_options.preserve_order = True
+        datasets[split] = ds.materialize()
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         train_func,
         train_loop_config={
@@ -222,6 +324,7 @@ def build_trainer(
             "class_weights": class_weights,
             "epochs": epochs,
             "progress": progress,
+            "init_path": init_path,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -230,7 +333,7 @@ def build_trainer(
         ),
         datasets=datasets,
         # every worker evaluates on the whole validation split, so metrics agree across ranks
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path or storage.path("runs"),
@@ -248,44 +351,101 @@ def build_trainer(
 
 
 def best_checkpoint(storage: Storage, run_path: str, metric: str, mode: str) -> str:
-    """The stored checkpoint of a run with the best `metric` (later epochs win ties)."""
+    """The stored checkpoint under `run_path` with the best `metric`."""
+    names = [n for n in storage.ls(run_path) if n.startswith("checkpoint_")]
+    return best_of(storage, [f"{run_path}/{n}" for n in names], metric, mode)
+
+
+def best_of(storage: Storage, paths: list[str], metric: str, mode: str) -> str:
+    """The checkpoint among `paths` with the best `metric` (later epochs win ties)."""
     sign = 1 if mode == "max" else -1
     best = None
-    for name in storage.ls(run_path):
-        meta_path = f"{run_path}/{name}/{META}"
-        if name.startswith("checkpoint_") and storage.exists(meta_path):
-            m = storage.read_json(meta_path)["metrics"]
+    for path in paths:
+        if storage.exists(f"{path}/{META}"):
+            m = storage.read_json(f"{path}/{META}")["metrics"]
             key = (sign * m[metric], m["epoch"])
             if best is None or key > best[0]:
-                best = (key, f"{run_path}/{name}")
+                best = (key, path)
     if best is None:
-        raise RuntimeError(f"no checkpoint with {metric!r} under {run_path}")
+        raise RuntimeError(f"no checkpoint with {metric!r} among {paths}")
     return best[1]
 
 
 def fit(
     cfg: PipelineConfig, storage: Storage, dataset: DatasetVersion, run_id: str
 ) -> TrainOutcome:
-    build_trainer(cfg, storage, dataset, run_id).fit()
+    """Train, then evaluate the best checkpoint on the test split and write the run's history,
+    test metrics and plots next to its checkpoints."""
+    result = build_trainer(cfg, storage, dataset, run_id).fit()
     run = storage.path("runs", run_id)
-    _publish_history(storage, run)
-    path = best_checkpoint(storage, run, cfg.train.metric, cfg.train.mode)
-    return TrainOutcome(run_id, path, storage.read_json(f"{path}/{META}")["metrics"])
+    # Ray's list of kept checkpoints, not every folder: a run killed while uploading can leave a
+    # folder that its checkpoint manager never registered.
+    kept = [c.path for c, _ in result.best_checkpoints or []]
+    path = best_of(storage, kept, cfg.train.metric, cfg.train.mode)
+    test, y, out = evaluate_checkpoint(storage, dataset, path, "test")
+    storage.write_json(f"{run}/{TEST_METRICS}", {"checkpoint": path, **test})
+    history = _publish_history(storage, run, result.checkpoint.path)
+    write_plots(storage, run, history, cfg.train.metric, dataset, y, out)
+    metrics = storage.read_json(f"{path}/{META}")["metrics"]
+    return TrainOutcome(run_id, path, metrics, {f"test_{k}": v for k, v in test.items()})
 
 
-def _publish_history(storage: Storage, run: str) -> None:
-    """runs/<run_id>/history.csv: the per-epoch metrics of the run's latest checkpoint."""
-    latest = None
-    for name in storage.ls(run):
-        meta = f"{run}/{name}/{META}"
-        if name.startswith("checkpoint_") and storage.exists(f"{run}/{name}/{HISTORY}"):
-            epoch = storage.read_json(meta)["epoch"]
-            latest = max(latest or (epoch, name), (epoch, name))
-    if latest is not None:
-        with storage.fs.open(f"{run}/{latest[1]}/{HISTORY}", "rb") as f:
-            data = f.read()
-        with storage.fs.open(f"{run}/{HISTORY}", "wb") as f:
+def evaluate_checkpoint(
+    storage: Storage, dataset: DatasetVersion, checkpoint: str, split: str
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """A checkpoint's metrics on a split of the dataset (in the driver); also the labels and
+    the model's outputs, for plots."""
+    meta = storage.read_json(f"{checkpoint}/{META}")
+    model = build_model(meta["model_spec"])
+    with storage.fs.open(f"{checkpoint}/{WEIGHTS}", "rb") as f:
+        model.load_state_dict(load_safetensors(f.read()))
+    _, x, y = read_split_numpy(storage, dataset, split)
+    task = dataset.manifest["task"]
+    out = predict(model, torch.as_tensor(x), task)
+    return task_metrics(task, y, out), y, out
+
+
+def write_plots(
+    storage: Storage,
+    run: str,
+    history: list[dict[str, float]],
+    metric: str,
+    dataset: DatasetVersion,
+    y: np.ndarray,
+    out: np.ndarray,
+) -> list[str]:
+    """PNGs under <run>/plots/: learning curves; for classification the test split's
+    confusion matrix, and its ROC curve for binary tasks."""
+    from dcml import plots
+
+    task, classes = dataset.manifest["task"], dataset.manifest["classes"]
+    images = {}
+    if history:
+        images["learning_curves.png"] = plots.learning_curves(history, metric)
+    if task == "binary" and len(y):
+        auc = task_metrics(task, y, out)["roc_auc"]
+        images["roc_curve.png"] = plots.roc_curve(y, out, auc, "ROC curve (test split)")
+    if task != "regression" and len(y):
+        pred = out.argmax(axis=1) if task == "multiclass" else (out >= 0.5).astype(np.int64)
+        images["confusion_matrix.png"] = plots.confusion_matrix(
+            y.astype(np.int64), pred, classes, "Confusion matrix (test split)"
+        )
+    storage.fs.makedirs(f"{run}/{PLOTS}", exist_ok=True)
+    for name, data in images.items():
+        with storage.fs.open(f"{run}/{PLOTS}/{name}", "wb") as f:
             f.write(data)
+    return [f"{run}/{PLOTS}/{name}" for name in images]
+
+
+def _publish_history(storage: Storage, run: str, latest: str) -> list[dict[str, float]]:
+    """runs/<run_id>/history.csv: the per-epoch metrics kept in the run's latest checkpoint."""
+    if not storage.exists(f"{latest}/{HISTORY}"):
+        return []
+    with storage.fs.open(f"{latest}/{HISTORY}", "rb") as f:
+        data = f.read()
+    with storage.fs.open(f"{run}/{HISTORY}", "wb") as f:
+        f.write(data)
+    return parse_history(data.decode())
 
 
 def new_run_id(prefix: str) -> str:

@@ -1,0 +1,90 @@
+"""PNG plots of a run: learning curves, ROC curve, confusion matrix (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def _figure(width: float = 6.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe in workers and CI
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def learning_curves(history: list[dict[str, float]], metric: str) -> bytes:
+    """Training and validation loss, and the selection metric, per epoch."""
+    fig = _figure(9.0, 3.6)
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
+        if any(key in h for h in history):
+            loss_ax.plot(epochs, [h.get(key, np.nan) for h in history], marker=".", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_ax.legend()
+    metric_ax.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", color="C2")
+    metric_ax.set(xlabel="epoch", ylabel=metric, title=metric)
+    for ax in (loss_ax, metric_ax):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(p), kind="mergesort")
+    p_sorted, y_sorted = np.asarray(p)[order], y[order]
+    last_of_run = np.r_[np.diff(p_sorted) != 0, True]  # one point per distinct score
+    tp = np.cumsum(y_sorted)[last_of_run]
+    fp = np.cumsum(~y_sorted)[last_of_run]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray, auc: float, title: str = "ROC curve") -> bytes:
+    fpr, tpr = roc_points(y, p)
+    fig = _figure(4.5, 4.5)
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, label=f"model (AUC {auc:.4f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """Counts of (true class, predicted class) as an n x n matrix."""
+    return np.bincount(np.asarray(y) * n + np.asarray(pred), minlength=n * n).reshape(n, n)
+
+
+def confusion_matrix(
+    y: np.ndarray, pred: np.ndarray, classes: list[Any], title: str = "Confusion matrix"
+) -> bytes:
+    counts = confusion(y, pred, len(classes))
+    fig = _figure(1.2 * len(classes) + 2.5, 1.0 * len(classes) + 2.2)
+    ax = fig.subplots()
+    ax.imshow(counts, cmap="Blues")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, [str(c) for c in classes])
+    ax.set_yticks(ticks, [str(c) for c in classes])
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    high = counts.max() / 2 if counts.size else 0
+    for i in ticks:
+        for j in ticks:
+            color = "white" if counts[i, j] > high else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color)
+    return _png(fig)

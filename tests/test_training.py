@@ -1,0 +1,162 @@
+"""Training on a real local Ray: determinism, streamed data, resume by run id, fine-tuning."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from safetensors.torch import load_file
+
+from dcml.data.preprocess import preprocess
+from dcml.data.synth import synth_table
+from dcml.pipeline import resumed_config, stage_register, stage_train
+from dcml.storage import Storage
+from dcml.train.loop import META, WEIGHTS, read_history
+
+from .conftest import make_config
+from .test_data import quiet, write_shards
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bc(tmp_path_factory):
+    """The bundled breast-cancer data, preprocessed once for the module."""
+    root = tmp_path_factory.mktemp("training") / "store"
+    cfg = make_config(root)
+    return root, preprocess(cfg, Storage.from_config(cfg), log=quiet)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_history(str(run_dir))]
+
+
+def test_same_seed_and_workers_give_the_same_metrics_and_a_run_writes_test_eval_and_plots(bc):
+    root, dv = bc
+    cfg = make_config(root, train={"workers": 2, "epochs": 3})
+    _, first = stage_train(cfg, dv.ref, run_id="same-a", log=quiet)
+    _, second = stage_train(cfg, dv.ref, run_id="same-b", log=quiet)
+
+    runs = root / "runs"
+    assert len(history(runs / "same-a")) == 3
+    assert history(runs / "same-a") == history(runs / "same-b")
+    assert first.test_metrics == second.test_metrics
+    assert first.test_metrics["test_roc_auc"] > 0.97
+    # per-epoch validation loss next to the training loss
+    assert all("val_loss" in h and "train_loss" in h for h in history(runs / "same-a"))
+
+    stored = Storage.from_config(cfg).read_json(str(runs / "same-a" / "test_metrics.json"))
+    assert stored["roc_auc"] == first.test_metrics["test_roc_auc"]
+    for name in ("learning_curves.png", "roc_curve.png", "confusion_matrix.png"):
+        image = (runs / "same-a" / "plots" / name).read_bytes()
+        assert image.startswith(PNG) and len(image) > 5_000, name
+
+    # Another seed is another run; this one streams its shard from Ray Data every epoch
+    # (no cache) through the local shuffle buffer, under DDP.
+    streamed = make_config(
+        root, seed=1, train={"workers": 2, "epochs": 3, "cache": "none", "batch_size": 32}
+    )
+    _, other = stage_train(streamed, dv.ref, run_id="streamed", log=quiet)
+    assert [int(h["epoch"]) for h in history(runs / "streamed")] == [0, 1, 2]
+    assert other.metrics["val_roc_auc"] > 0.95
+    assert other.test_metrics != first.test_metrics
+
+
+def checkpoint_epochs(run_dir: Path) -> list[int]:
+    storage_metas = [p / META for p in run_dir.glob("checkpoint_*") if (p / META).exists()]
+    return sorted(yaml.safe_load(m.read_text())["epoch"] for m in storage_metas)
+
+
+def test_a_run_killed_with_its_driver_resumes_by_run_id(tmp_path):
+    """`dcml train` (a real CLI process joined to this Ray) is SIGKILLed mid-run; the same run id
+    resumed continues from its last checkpoint instead of starting over."""
+    write_shards(tmp_path / "raw", synth_table(8_000, 0, 0), 4)
+    epochs = 8
+    raw = {
+        "storage": {"root": str(tmp_path / "store")},
+        "data": {"name": "resume", "source": str(tmp_path / "raw")},
+        "model": {"depth": 2, "width": 64},
+        "train": {"workers": 2, "epochs": epochs, "batch_size": 8, "keep_checkpoints": epochs},
+        "cluster": {"address": ray.get_runtime_context().gcs_address},
+    }
+    cfg = make_config(tmp_path / "store", **{k: v for k, v in raw.items() if k != "storage"})
+    dv = preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    dcml = Path(sys.executable).with_name("dcml")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(
+        [str(dcml), "train", str(tmp_path / "cfg.yaml"), "--run-id", "r1", "--no-register"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "store" / "runs" / "r1"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(checkpoint_epochs(run_dir)) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver is gone: its run's actors with it
+        proc.wait()
+    done_before = checkpoint_epochs(run_dir)
+    assert 2 <= len(done_before) < epochs, done_before
+
+    with pytest.raises(ValueError, match="--resume r1"):
+        stage_train(cfg, dv.ref, run_id="r1", log=quiet)  # never silently restarts a run
+    lines: list[str] = []
+    resumed = resumed_config(cfg, "r1")
+    assert resumed.train.epochs == epochs and resumed.model.width == 64
+    stage_train(resumed, None, "r1", lines.append, resume=True)
+
+    assert any(line.startswith("resuming") for line in lines)
+    # It went on from a checkpoint: epoch 0 ran once (an epoch whose checkpoint was being
+    # stored at the kill may run again), and the history holds every epoch once.
+    done = checkpoint_epochs(run_dir)
+    assert set(done) == set(range(epochs)) and done.count(0) == 1, done
+    assert [int(h["epoch"]) for h in history(run_dir)] == list(range(epochs))
+
+
+def test_fine_tuning_loads_a_registered_model_and_freezes_its_first_layers(bc):
+    root, dv = bc
+    base = make_config(
+        root, name="bcft", model={"depth": 2, "width": 16}, train={"workers": 1, "epochs": 2}
+    )
+    _, trained = stage_train(base, dv.ref, log=quiet)
+    source = stage_register(base, dv, trained.checkpoint_path, {}, ["production"], log=quiet)
+
+    tuned_cfg = make_config(
+        root,
+        name="bcft",
+        model={"depth": 2, "width": 16},
+        train={
+            "workers": 2,
+            "epochs": 2,
+            "lr": 0.01,
+            "init_from": "bcft@production",
+            "freeze_layers": 1,
+        },
+    )
+    _, tuned = stage_train(tuned_cfg, dv.ref, log=quiet)
+    before = load_file(str(Path(source.path) / WEIGHTS))
+    after = load_file(str(Path(tuned.checkpoint_path) / WEIGHTS))
+    assert (after["0.layers.0.weight"] == before["0.layers.0.weight"]).all()  # frozen
+    assert not (after["1.layers.0.weight"] == before["1.layers.0.weight"]).all()  # trained on
+    assert tuned.test_metrics["test_roc_auc"] > 0.97
+
+    # layers that cannot be loaded cannot be frozen: a clear error before any worker starts
+    wider = make_config(
+        root,
+        name="bcft",
+        model={"depth": 2, "width": 32},
+        train={"init_from": "bcft@1", "freeze_layers": 1},
+    )
+    with pytest.raises(ValueError, match=r"train.init_from=bcft@1: .*frozen tensors"):
+        stage_train(wider, dv.ref, log=quiet)
