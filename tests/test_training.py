@@ -35,7 +35,8 @@ def bc(tmp_path_factory):
 
 
 def history(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_history(str(run_dir))]
+    timings = ("epoch_s", "train_s", "time")
+    return [{k: v for k, v in h.items() if k not in timings} for h in read_history(str(run_dir))]
 
 
 def test_same_seed_and_workers_give_the_same_metrics_and_a_run_writes_test_eval_and_plots(bc):

@@ -93,6 +93,19 @@ def cache_shard(
     return x.pin_memory(), y.pin_memory()
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every `report` at INFO on a logger named after its file, which reaches
+    the console past `LoggingConfig(log_level)`: a line per epoch per worker. Quiet it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray version: nothing to quiet
+        pass
+
+
 def n_outputs(task: str, classes: list | None) -> int:
     return len(classes) if task == "multiclass" else 1
 
@@ -107,10 +120,14 @@ def train_func(config: dict[str, Any]) -> None:
     task: str = config.get("task", "binary")
     classes: list | None = config.get("classes")
     epochs: int = config.get("epochs") or cfg.train.epochs
+    if config.get("progress", True) != "verbose":
+        _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    # as many intra-op threads as the CPUs the worker holds: no oversubscription of the node
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     tc = cfg.train
     collate = _collate(features, task)
@@ -181,14 +198,18 @@ def train_func(config: dict[str, Any]) -> None:
                 local_shuffle_seed=cfg.seed * 100_003 + epoch * 1_009 + rank,
                 prefetch_batches=2,
             )
+        t_train = time.perf_counter()
         loss = train_epoch(model, optimizer, batches, loss_fn, options, scaler)
+        t_train = time.perf_counter() - t_train
         if world > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss], device=device)
             torch.distributed.all_reduce(t)
             loss = t.item() / world
         metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task, loss_fn)}
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["epoch_s"] = time.perf_counter() - t0
+        metrics["epoch_s"] = time.perf_counter() - t0  # training, evaluation and all
+        metrics["train_s"] = t_train  # the training steps alone (throughput)
+        metrics["time"] = time.time()  # wall clock at the end of the epoch
         history.append(metrics)
         if plateau is not None and epoch >= tc.warmup_epochs:
             plateau.step(metrics[tc.metric])
@@ -197,7 +218,9 @@ def train_func(config: dict[str, Any]) -> None:
         last = epoch == epochs - 1 or done
         if rank == 0 and config.get("progress", True):
             shown = " ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("train_", "val_"))
+                f"{k}={v:.4f}"
+                for k, v in metrics.items()
+                if k == "train_loss" or k.startswith("val_")
             )
             print(f"[dcml] epoch {epoch + 1}/{epochs} {shown}", flush=True)
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
@@ -271,6 +294,29 @@ def fine_tune_source(
     return mv.path
 
 
+SMALL_SPLIT_BYTES = 64 << 20  # stored Parquet bytes below which the driver reads a split itself
+
+
+def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
+    """A stored split as a materialised Ray Dataset, its blocks in file order (so that the same
+    seed and worker count give every rank the same rows).
+
+    Materialised in the driver: the workers then split blocks already in the object store instead
+    of each starting read tasks (seconds per process on a small node). A small split is read with
+    plain pyarrow, which takes milliseconds where Ray Data's read tasks take seconds to start.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    shards = [s for s in dataset.manifest["shards"] if s["split"] == split]
+    if sum(s["bytes"] for s in shards) <= SMALL_SPLIT_BYTES:
+        files = sorted(f"{dataset.path}/{s['name']}" for s in shards)  # names hold the split
+        return ray.data.from_arrow([pq.read_table(f, filesystem=storage.fs) for f in files])
+    ds = ray.data.read_parquet(dataset.split_path(split), filesystem=storage.arrow_fs())
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
+
+
 def build_trainer(
     cfg: PipelineConfig,
     storage: Storage,
@@ -283,7 +329,6 @@ def build_trainer(
     callbacks: list | None = None,
     progress: bool = True,
 ):
-    import ray.data
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -304,14 +349,7 @@ def build_trainer(
     spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
     init_path = fine_tune_source(cfg, storage, m["features"], spec)
     fs = storage.arrow_fs()
-    datasets = {}
-    for split in ("train", "validation"):
-        # Materialised once in the driver: the workers then split blocks already in the object
-        # store instead of each starting its own read tasks (seconds per process on a small node).
-        # In file order, so that the same seed and worker count give every rank the same rows.
-        ds = ray.data.read_parquet(dataset.split_path(split), filesystem=fs)
-        ds.context.execution_options.preserve_order = True
-        datasets[split] = ds.materialize()
+    datasets = {split: split_dataset(storage, dataset, split) for split in ("train", "validation")}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
