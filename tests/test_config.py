@@ -7,10 +7,12 @@ from dcml.config import ConfigError, load_config
 
 
 def test_defaults_and_dotted_overrides(tmp_path):
-    cfg = load_config(None, ["train.epochs=3", "model.depth=0", "tune.depths=[0, 1]"])
+    cfg = load_config(
+        None, ["train.epochs=3", "model.depth=0", "tune.space={model.depth: {grid: [0, 1]}}"]
+    )
     assert cfg.train.epochs == 3
     assert cfg.model.depth == 0
-    assert cfg.tune.depths == [0, 1]
+    assert cfg.tune.space == {"model.depth": {"grid": [0, 1]}}
     assert cfg.serve.host == "127.0.0.1"  # loopback unless told otherwise
 
 
@@ -43,8 +45,32 @@ def test_every_problem_is_reported_at_once():
 def test_section_level_rules():
     with pytest.raises(ConfigError, match="split fractions"):
         load_config(None, ["data.split={train: 0.5, validation: 0.1, test: 0.1}"])
-    with pytest.raises(ConfigError, match="lr_min must be below lr_max"):
-        load_config(None, ["tune.lr_min=0.1", "tune.lr_max=0.01"])
+    with pytest.raises(ConfigError, match="tune: space.train.lr: loguniform low must be below"):
+        load_config(None, ["tune.space={train.lr: {loguniform: [0.1, 0.01]}}"])
+
+
+def test_search_space_names_the_field_and_what_is_wrong():
+    def problem(space: str, *more: str) -> str:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"tune.space={space}", *more])
+        return str(e.value)
+
+    assert "tune.space.train.lrr: train has no field 'lrr' (did you mean 'lr'?)" in problem(
+        "{train.lrr: {choice: [1]}}"
+    )
+    assert "tune.space.train: is a section" in problem("{train: {choice: [1]}}")
+    assert "a sweep varies the model" in problem("{storage.root: {choice: [a, b]}}")
+    assert "space.train.lr: loguniform needs low > 0" in problem("{train.lr: {loguniform: [0, 1]}}")
+    assert "give exactly one of loguniform" in problem("{train.lr: {between: [1, 2]}}")
+    assert "randint takes integers" in problem("{train.batch_size: {randint: [8.5, 64]}}")
+    assert "searcher grid needs choice or grid values, not loguniform" in problem(
+        "{train.lr: {loguniform: [0.001, 0.1]}}", "tune.searcher=grid"
+    )
+    assert "searcher optuna cannot take grid" in problem(
+        "{model.depth: {grid: [1, 2]}}", "tune.searcher=optuna"
+    )
+    ok = load_config(None, ["tune.space={model.dropout: {uniform: [0, 0.3]}}"])
+    assert ok.tune.space == {"model.dropout": {"uniform": [0, 0.3]}}
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

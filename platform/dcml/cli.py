@@ -100,14 +100,24 @@ def tune(
     config: Path | None = ConfigArg,
     set_: list[str] | None = SetOpt,
     dataset: str | None = typer.Option(None, help="NAME[@VERSION]; default: latest."),
+    sweep_id: str | None = typer.Option(None, help="Id of a new sweep (default: generated)."),
+    resume: str | None = typer.Option(
+        None,
+        help="SWEEP_ID: continue an interrupted sweep; finished trials are kept, unfinished "
+        "ones go on from their last checkpoint.",
+    ),
     register: bool = typer.Option(True, help="Register the best trial's checkpoint."),
     alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
 ):
-    """Sweep learning rate and depth with Ray Tune and ASHA."""
-    from dcml.pipeline import stage_register, stage_tune
+    """Sweep the search space (`tune.space`; lr and depth by default) with Ray Tune."""
+    from dcml.pipeline import resumed_config, stage_register, stage_tune
 
     cfg = _config(config, set_)
-    dv, outcome = stage_tune(cfg, dataset, None, _log)
+    if resume:
+        if sweep_id and sweep_id != resume:
+            raise ValueError("give --resume SWEEP_ID alone, without another --sweep-id")
+        cfg = resumed_config(cfg, resume, set_)
+    dv, outcome = stage_tune(cfg, dataset, resume or sweep_id, _log, resume=bool(resume))
     if register:
         lineage = {"sweep_id": outcome.sweep_id, "params": outcome.params}
         stage_register(cfg, dv, outcome.checkpoint_path, lineage, alias or [], _log)

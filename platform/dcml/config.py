@@ -280,25 +280,80 @@ class TrainConfig(_Section):
         return self
 
 
+SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
 class TuneConfig(_Section):
     enabled: bool = Field(True, description="Run the sweep in `dcml run`.")
-    num_samples: int = Field(4, ge=1, description="Trials.")
-    lr_min: float = Field(1e-4, gt=0, description="Lower bound of the log-uniform lr.")
-    lr_max: float = Field(3e-2, gt=0, description="Upper bound of the log-uniform lr.")
-    depths: list[int] = Field(
-        default_factory=lambda: [1, 2, 3], description="Depths to choose from."
+    space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=lambda: {
+            "train.lr": {"loguniform": [1e-4, 3e-2]},
+            "model.depth": {"choice": [1, 2, 3]},
+        },
+        description="Search space: config field by dotted path -> one of {loguniform: [low, "
+        "high]}, {uniform: [low, high]}, {randint: [low, high]} (both ends included), "
+        "{choice: [values]}, {grid: [values]} (every value, crossed with the rest).",
+    )
+    searcher: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="random: sample the space (grid entries crossed); grid: every combination "
+        "(choice and grid entries only); optuna: TPE Bayesian search (the `tune` extra).",
+    )
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop bad trials early on per-epoch metrics; none: run all."
+    )
+    num_samples: int = Field(
+        4, ge=1, description="Trials (random, optuna); with grid entries: samples per grid point."
     )
     epochs: int = Field(12, ge=1, description="Max epochs per trial (ASHA's max_t).")
     grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial may be stopped.")
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
-    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
+    reduction_factor: int = Field(
+        2, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung."
+    )
+    workers_per_trial: int = Field(
+        1, ge=1, description="Ray Train workers in each trial; > 1 trains each trial with DDP."
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; None: as many as max_cpus/max_gpus allow."
+    )
+    max_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs the whole sweep may hold (its share of a shared cluster); None: the "
+        "cluster's CPUs, less one for Ray Data when there are more than two.",
+    )
+    max_gpus: float | None = Field(
+        None, ge=0, description="GPUs the sweep may hold (train.use_gpu); None: the cluster's."
+    )
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> TuneConfig:
-        if self.lr_min >= self.lr_max:
-            raise ValueError("lr_min must be below lr_max")
-        if not self.depths or any(d < 0 for d in self.depths):
-            raise ValueError("depths must be a non-empty list of depths >= 0")
+    def _check_space(self) -> TuneConfig:
+        if not self.space:
+            raise ValueError("space needs at least one field to search")
+        for path, spec in self.space.items():
+            if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(
+                    f"space.{path}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. "
+                    "{loguniform: [0.0001, 0.01]}"
+                )
+            kind, values = next(iter(spec.items()))
+            if not values:
+                raise ValueError(f"space.{path}: {kind} needs values")
+            if kind in ("loguniform", "uniform", "randint"):
+                if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
+                    raise ValueError(f"space.{path}: {kind} takes [low, high]")
+                if values[0] >= values[1]:
+                    raise ValueError(f"space.{path}: {kind} low must be below high")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"space.{path}: loguniform needs low > 0")
+                if kind == "randint" and not all(isinstance(v, int) for v in values):
+                    raise ValueError(f"space.{path}: randint takes integers")
+            if self.searcher == "grid" and kind not in ("choice", "grid"):
+                raise ValueError(
+                    f"space.{path}: searcher grid needs choice or grid values, not {kind}"
+                )
+            if self.searcher == "optuna" and kind == "grid":
+                raise ValueError(f"space.{path}: searcher optuna cannot take grid; use choice")
         return self
 
 
@@ -332,12 +387,39 @@ class PipelineConfig(_Section):
         if self.train.mode == "auto":
             name = self.train.metric.removeprefix("val_")
             self.train.mode = "min" if name in MINIMISED else "max"
+        for path in self.tune.space:
+            problem = _field_problem(path)
+            if problem:
+                raise ValueError(f"tune.space.{path}: {problem}")
         if self.train.freeze_layers > self.model.depth:
             raise ValueError(
                 f"train.freeze_layers={self.train.freeze_layers} but model.depth is "
                 f"{self.model.depth}: only hidden layers can be frozen"
             )
         return self
+
+
+def _field_problem(path: str) -> str | None:
+    """Why a dotted path is not a field that a sweep can set (None if it is)."""
+    model: type[BaseModel] = PipelineConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part not in model.model_fields:
+            hint = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            where = ".".join(parts[:i]) or "the config"
+            return f"{where} has no field {part!r}" + (
+                f" (did you mean {hint[0]!r}?)" if hint else ""
+            )
+        ann = model.model_fields[part].annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return f"{'.'.join(parts[: i + 1])} is a field, not a section"
+            model = ann
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            return "is a section; name a field in it"
+    if parts[0] in ("storage", "cluster", "serve", "tune", "data"):
+        return "a sweep varies the model and its training (model.*, train.*, seed)"
+    return None
 
 
 # Fields that hold credentials: never stored with runs, models or datasets.
@@ -435,4 +517,5 @@ def _describe(err: dict[str, Any]) -> str:
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"
         return msg + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-    return f"{where}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if loc else msg

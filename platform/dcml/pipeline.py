@@ -52,24 +52,22 @@ def resumed_config(cfg: PipelineConfig, run_id: str, overrides: list[str] | None
     return with_overrides(raw, overrides, f"run {run_id}")
 
 
-def stage_train(
+def _open_run(
     cfg: PipelineConfig,
-    dataset_ref: str | None = None,
-    run_id: str | None = None,
-    log: Log = print,
-    resume: bool = False,
-) -> tuple[DatasetVersion, TrainOutcome]:
-    """Train on a dataset version. A run's id, dataset and config are stored in
-    runs/<run_id>/run.json; `resume` continues a stored run from its last checkpoint."""
-    connect(cfg.cluster)
-    storage = Storage.from_config(cfg)
-    run_id = run_id or new_run_id("train")
+    storage: Storage,
+    run_id: str,
+    dataset_ref: str | None,
+    resume: bool,
+    verb: str,
+) -> DatasetVersion:
+    """The dataset of a new run (recorded in runs/<run_id>/run.json with its config) or of the
+    stored run that `resume` continues. An existing id is never started over."""
     record = storage.path("runs", run_id, RUN_JSON)
     if storage.exists(record):
         if not resume:
             raise ValueError(
-                f"run {run_id!r} exists: `dcml train --resume {run_id}` continues it; "
-                "choose another --run-id to start a new one"
+                f"run {run_id!r} exists: `dcml {verb} --resume {run_id}` continues it; "
+                "choose another id to start a new one"
             )
         dataset_ref = storage.read_json(record)["dataset"]
     elif resume:
@@ -78,8 +76,23 @@ def stage_train(
     if not resume:
         storage.write_json(
             record,
-            {"run_id": run_id, "dataset": dataset.ref, "config": public_dump(cfg)},
+            {"run_id": run_id, "kind": verb, "dataset": dataset.ref, "config": public_dump(cfg)},
         )
+    return dataset
+
+
+def stage_train(
+    cfg: PipelineConfig,
+    dataset_ref: str | None = None,
+    run_id: str | None = None,
+    log: Log = print,
+    resume: bool = False,
+) -> tuple[DatasetVersion, TrainOutcome]:
+    """Train on a dataset version; `resume` continues a stored run from its last checkpoint."""
+    connect(cfg.cluster)
+    storage = Storage.from_config(cfg)
+    run_id = run_id or new_run_id("train")
+    dataset = _open_run(cfg, storage, run_id, dataset_ref, resume, "train")
     log(
         f"{'resuming' if resume else 'training'} on {dataset.ref}: {cfg.train.workers} DDP "
         f"worker(s), {cfg.train.epochs} epochs, run {run_id}"
@@ -100,14 +113,21 @@ def stage_tune(
     dataset_ref: str | None = None,
     sweep_id: str | None = None,
     log: Log = print,
+    resume: bool = False,
 ):
+    """A sweep on a dataset version; `resume` continues a stored sweep that was interrupted."""
     from dcml.tune import format_trials, sweep
 
     connect(cfg.cluster)
     storage = Storage.from_config(cfg)
-    dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
-    outcome = sweep(cfg, storage, dataset, sweep_id or new_run_id("sweep"), log)
-    log("tuning results (best first):\n" + format_trials(outcome.trials, cfg.train.metric))
+    sweep_id = sweep_id or new_run_id("sweep")
+    dataset = _open_run(cfg, storage, sweep_id, dataset_ref, resume, "tune")
+    outcome = sweep(cfg, storage, dataset, sweep_id, log, resume)
+    table = format_trials(outcome.trials, cfg.train.metric, list(cfg.tune.space))
+    log(
+        f"tuning results (best first):\n{table}\n"
+        f"sweep outputs (trials.csv, trials.parquet, plots/): {storage.uri('runs', sweep_id)}"
+    )
     return dataset, outcome
 
 

@@ -88,3 +88,39 @@ def confusion_matrix(
             color = "white" if counts[i, j] > high else "black"
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color)
     return _png(fig)
+
+
+def metric_by_param(
+    trials: list[dict[str, Any]], params: list[str], metric: str, log_scale: list[str] = ()
+) -> bytes:
+    """A sweep: each trial's best metric against each searched field (failed trials left out)."""
+    fig = _figure(3.6 * len(params) + 0.6, 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(params)))
+    done = [t for t in trials if t.get(metric) == t.get(metric)]  # not NaN
+    for ax, param in zip(axes, params):
+        values = [t[param] for t in done]
+        if all(isinstance(v, int | float) for v in values):
+            ax.scatter(values, [t[metric] for t in done], color="C0")
+            if param in log_scale:
+                ax.set_xscale("log")
+        else:  # categorical: one position per distinct value
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], [t[metric] for t in done])
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(xlabel=param, ylabel=metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"best {metric} per trial")
+    return _png(fig)
+
+
+def trial_curves(curves: dict[str, tuple[list, list]], metric: str) -> bytes:
+    """A sweep: each trial's metric per epoch (trials stopped early end early)."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for trial, (epochs, values) in sorted(curves.items()):
+        ax.plot(epochs, values, marker=".", label=trial)
+    ax.set(xlabel="epoch", ylabel=metric, title="Trials")
+    if 0 < len(curves) <= 12:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -1,12 +1,17 @@
-"""The tune stage: a Ray Tune sweep over learning rate and depth, with ASHA early stopping.
+"""The tune stage: a Ray Tune sweep over any config fields, with ASHA early stopping by default.
 
 Each trial is a small Tune function that builds its `TorchTrainer` with the same `build_trainer`
 as `dcml train`; Train's `TuneReportCallback` forwards every epoch's metrics to Tune, so ASHA sees
-each epoch and can stop bad trials early.
+each epoch and can stop bad trials early. A sweep's files live under runs/<sweep_id>/: Tune's
+experiment state (for `--resume`), `run.json` (dataset and config), `trials/<trial_id>/` (each
+trial's Train run and checkpoints), `trials.csv` / `trials.parquet` and `plots/`.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +20,8 @@ from dcml.data.preprocess import DatasetVersion
 from dcml.storage import Storage
 from dcml.train.loop import META
 from dcml.train.trainer import best_checkpoint
+
+TRIAL_CPU = 0.01  # the trial function only waits on its trainer; Train workers hold the CPUs
 
 
 @dataclass(frozen=True)
@@ -27,12 +34,23 @@ class SweepOutcome:
 
 
 def search_space(cfg: PipelineConfig) -> dict[str, Any]:
+    """`tune.space` as Ray Tune's param_space (keys stay dotted config paths)."""
     from ray import tune
 
-    return {
-        "train.lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
-        "model.depth": tune.choice(cfg.tune.depths),
-    }
+    space = {}
+    for path, spec in cfg.tune.space.items():
+        kind, v = next(iter(spec.items()))
+        if kind == "loguniform":
+            space[path] = tune.loguniform(v[0], v[1])
+        elif kind == "uniform":
+            space[path] = tune.uniform(v[0], v[1])
+        elif kind == "randint":
+            space[path] = tune.randint(v[0], v[1] + 1)  # both ends included
+        elif kind == "grid" or cfg.tune.searcher == "grid":
+            space[path] = tune.grid_search(list(v))
+        else:
+            space[path] = tune.choice(list(v))
+    return space
 
 
 def with_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
@@ -45,6 +63,30 @@ def with_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
             node = node[p]
         node[leaf] = value
     return parse_config(raw, source="trial config")
+
+
+def concurrency(cfg: PipelineConfig) -> int:
+    """Trials at once: what `tune.max_cpus`/`max_gpus` (default: the cluster) hold, capped by
+    `tune.max_concurrent_trials`."""
+    import ray
+
+    t = cfg.tune
+    res = ray.cluster_resources()
+    cpus = res.get("CPU", 0)
+    per_trial = t.workers_per_trial * cfg.train.cpus_per_worker + TRIAL_CPU
+    budget = t.max_cpus if t.max_cpus is not None else (cpus - 1 if cpus > 2 else cpus)
+    n = math.floor(budget / per_trial + 1e-9)
+    if cfg.train.use_gpu:
+        gpus = t.max_gpus if t.max_gpus is not None else res.get("GPU", 0)
+        n = min(n, math.floor(gpus / t.workers_per_trial + 1e-9))
+    if n < 1:
+        raise ValueError(
+            f"tune: a trial needs {per_trial:g} CPUs ({t.workers_per_trial} worker(s) x "
+            f"train.cpus_per_worker={cfg.train.cpus_per_worker})"
+            + (" and GPUs" if cfg.train.use_gpu else "")
+            + f" but the sweep may hold {budget:g} (tune.max_cpus, or the cluster's)"
+        )
+    return min(n, t.max_concurrent_trials or n)
 
 
 def _trial(
@@ -64,6 +106,7 @@ def _trial(
         cfg,
         Storage(*storage_args),
         dataset,
+        # the trial id names the Train run: a resumed sweep's trial resumes its own run
         tune.get_context().get_trial_id(),
         storage_path=trials_path,
         workers=cfg.tune.workers_per_trial,
@@ -74,85 +117,187 @@ def _trial(
     trainer.fit()
 
 
+def _searcher(cfg: PipelineConfig, limit: int):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.tune.searcher != "optuna":
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=limit)
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:
+        raise RuntimeError(
+            "tune.searcher=optuna needs optuna: pip install 'dcml[tune]' (or optuna)"
+        ) from e
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=limit)
+
+
 def sweep(
-    cfg: PipelineConfig, storage: Storage, dataset: DatasetVersion, sweep_id: str, log=print
+    cfg: PipelineConfig,
+    storage: Storage,
+    dataset: DatasetVersion,
+    sweep_id: str,
+    log=print,
+    resume: bool = False,
 ) -> SweepOutcome:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    # Save the experiment state often: a killed driver then loses little on --resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     metric, mode = cfg.train.metric, cfg.train.mode
     sweep_path = storage.path("runs", sweep_id)
-    trainable = tune.with_parameters(
-        _trial,
-        base=cfg.model_dump(),
-        storage_args=(storage.uri(), storage.options),
-        dataset=dataset,
-        trials_path=f"{sweep_path}/trials",
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            base=cfg.model_dump(),
+            storage_args=(storage.uri(), storage.options),
+            dataset=dataset,
+            trials_path=f"{sweep_path}/trials",
+        ),
+        {"cpu": TRIAL_CPU},
     )
-    tuner = tune.Tuner(
-        # The trial itself only waits on its trainer; its Train workers hold the real CPUs.
-        tune.with_resources(trainable, {"cpu": 0.01}),
-        param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(
-            metric=metric,
-            mode=mode,
-            num_samples=cfg.tune.num_samples,
-            search_alg=BasicVariantGenerator(
-                random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent_trials
-            ),
-            scheduler=ASHAScheduler(
+    limit = concurrency(cfg)
+    if resume:
+        tuner = tune.Tuner.restore(
+            sweep_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,  # a trial that failed (bad hyperparameters) stays failed
+            storage_filesystem=storage.arrow_fs(),
+        )
+        log(f"resuming sweep {sweep_id}: finished trials are kept, unfinished ones go on")
+    else:
+        scheduler = FIFOScheduler()
+        if cfg.tune.scheduler == "asha":
+            scheduler = ASHAScheduler(
                 max_t=cfg.tune.epochs,
                 grace_period=min(cfg.tune.grace_period, cfg.tune.epochs),
-                reduction_factor=2,
+                reduction_factor=cfg.tune.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=cfg.tune.num_samples,
+                search_alg=_searcher(cfg, limit),
+                scheduler=scheduler,  # the searcher holds the concurrency limit
             ),
-        ),
-        run_config=tune.RunConfig(
-            name=sweep_id,
-            storage_path=storage.path("runs"),
-            storage_filesystem=storage.arrow_fs(),
-            verbose=0,
-        ),
-    )
-    log(f"tuning: {cfg.tune.num_samples} trials over train.lr and model.depth with ASHA ...")
+            run_config=tune.RunConfig(
+                name=sweep_id,
+                storage_path=storage.path("runs"),
+                storage_filesystem=storage.arrow_fs(),
+                verbose=0,
+            ),
+        )
+        log(
+            f"tuning: {cfg.tune.searcher} search over {', '.join(cfg.tune.space)} "
+            f"({cfg.tune.num_samples} sample(s)), scheduler {cfg.tune.scheduler}, "
+            f"{limit} trial(s) at once of {cfg.tune.workers_per_trial} worker(s)"
+        )
     grid = tuner.fit()
+    return _collect(cfg, storage, sweep_id, grid)
 
-    trials, best_row = [], None
+
+def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> SweepOutcome:
+    """One row per trial (best first), the trials as CSV/Parquet and plots; the best checkpoint."""
+    metric, mode = cfg.train.metric, cfg.train.mode
+    sweep_path = storage.path("runs", sweep_id)
     sign = 1 if mode == "max" else -1
+    trials, curves, best = [], {}, None
     for result in grid:
         df = result.metrics_dataframe
+        found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(str(result.path)))
+        trial_id = (result.metrics or {}).get("trial_id") or (found[1] if found else "?")
         row = {
-            "trial": (result.metrics or {}).get("trial_id", "?"),
-            **{k: result.config.get(k) for k in ("train.lr", "model.depth")},
+            "trial": trial_id,
+            **{k: result.config.get(k) for k in cfg.tune.space},
             "epochs": 0,
             metric: float("nan"),
-            "error": str(result.error).strip().splitlines()[-1][:120] if result.error else "",
+            "status": "failed" if result.error else "finished",
+            "error": _last_line(result.error) if result.error else "",
         }
-        if df is not None and metric in df and "checkpoint_path" in df:
-            row["epochs"] = int(df["training_iteration"].max())
-            df = df[df["checkpoint_path"].notna() & df[metric].notna()]
-        if df is not None and len(df) and metric in df:
-            i = (sign * df[metric]).idxmax()
-            row[metric] = float(df[metric][i])
-            if best_row is None or sign * row[metric] > best_row[0]:
-                best_row = (sign * row[metric], row["trial"], result.config)
+        if df is not None and metric in df:
+            row["epochs"] = int(df["epoch"].max()) + 1 if "epoch" in df else len(df)
+            curves[trial_id] = (list(df["epoch"] + 1), list(df[metric]))
+            kept = df[df["checkpoint_path"].notna()] if "checkpoint_path" in df else df[:0]
+            kept = kept[kept[metric].notna()]
+            if len(kept):
+                i = (sign * kept[metric]).idxmax()
+                row[metric] = float(kept[metric][i])
+                if best is None or sign * row[metric] > best[0]:
+                    best = (sign * row[metric], trial_id, result.config)
+        if not result.error and row["epochs"] < cfg.tune.epochs:
+            row["status"] = "stopped early"
         trials.append(row)
-    if best_row is None:
+    trials.sort(key=lambda r: -sign * r[metric] if r[metric] == r[metric] else math.inf)
+    _write_results(storage, sweep_path, trials, curves, cfg)
+    if best is None:
         raise RuntimeError(
             f"sweep {sweep_id}: no trial reported {metric}; errors: "
             f"{[t['error'] for t in trials if t['error']]}"
         )
-    trials.sort(key=lambda r: -sign * r[metric] if r[metric] == r[metric] else float("inf"))
-    ckpt = best_checkpoint(storage, f"{sweep_path}/trials/{best_row[1]}", metric, mode)
+    ckpt = best_checkpoint(storage, f"{sweep_path}/trials/{best[1]}", metric, mode)
     meta = storage.read_json(f"{ckpt}/{META}")
-    return SweepOutcome(sweep_id, ckpt, meta["metrics"], dict(best_row[2]), trials)
+    params = {k: best[2][k] for k in cfg.tune.space}
+    return SweepOutcome(sweep_id, ckpt, meta["metrics"], params, trials)
 
 
-def format_trials(trials: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"{'trial':<13}{'lr':>10}{'depth':>7}{'epochs':>8}{metric:>14}  error"]
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__
+
+
+def _write_results(storage: Storage, sweep_path: str, trials, curves, cfg: PipelineConfig) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from dcml import plots
+
+    table = pa.Table.from_pylist([{k: _cell(v) for k, v in t.items()} for t in trials])
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    with storage.fs.open(f"{sweep_path}/trials.csv", "wb") as f:
+        f.write(buf.getvalue())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    with storage.fs.open(f"{sweep_path}/trials.parquet", "wb") as f:
+        f.write(buf.getvalue())
+
+    metric = cfg.train.metric
+    log_scale = [p for p, spec in cfg.tune.space.items() if "loguniform" in spec]
+    params = list(cfg.tune.space)
+    images = {
+        "metric_by_param.png": plots.metric_by_param(trials, params, metric, log_scale),
+        "trial_curves.png": plots.trial_curves(curves, metric),
+    }
+    storage.fs.makedirs(f"{sweep_path}/plots", exist_ok=True)
+    for name, data in images.items():
+        with storage.fs.open(f"{sweep_path}/plots/{name}", "wb") as f:
+            f.write(data)
+
+
+def _cell(value: Any) -> Any:
+    """A value for one table column: lists (e.g. widths) as text."""
+    return str(value) if isinstance(value, list | dict) else value
+
+
+def format_trials(trials: list[dict[str, Any]], metric: str, params: list[str]) -> str:
+    head = f"{'trial':<13}" + "".join(f"{p:>14}" for p in params)
+    lines = [head + f"{'epochs':>8}{metric:>14}  status"]
     for t in trials:
-        lines.append(
-            f"{t['trial']:<13}{t['train.lr']:>10.2e}{t['model.depth']:>7}{t['epochs']:>8}"
-            f"{t[metric]:>14.4f}  {t['error']}"
-        )
+        cells = "".join(f"{_show(t[p]):>14}" for p in params)
+        status = t["status"] + (f": {t['error']}" if t["error"] else "")
+        lines.append(f"{t['trial']:<13}{cells}{t['epochs']:>8}{t[metric]:>14.4f}  {status}")
     return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,173 @@
+"""Sweeps on a real local Ray Tune: search spaces, failed trials, results, optuna, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from dcml.data.preprocess import preprocess
+from dcml.data.synth import synth_table
+from dcml.pipeline import resumed_config, stage_register, stage_tune
+from dcml.storage import Storage
+
+from .conftest import make_config
+from .test_data import quiet, write_shards
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune") / "store"
+    cfg = make_config(root)
+    return root, preprocess(cfg, Storage.from_config(cfg), log=quiet)
+
+
+def test_a_failed_trial_is_reported_and_the_sweep_goes_on_with_ddp_trials(bc):
+    root, dv = bc
+    cfg = make_config(
+        root,
+        tune={
+            # batch_size 0 is a bad hyperparameter: that trial fails, naming the field
+            "space": {
+                "train.batch_size": {"grid": [32, 0]},
+                "train.lr": {"loguniform": [3e-3, 1e-2]},
+            },
+            "epochs": 3,
+            "grace_period": 1,
+            "num_samples": 1,
+            "workers_per_trial": 2,
+            "max_concurrent_trials": 2,
+        },
+        train={"max_failures": 0},
+    )
+    lines: list[str] = []
+    _, outcome = stage_tune(cfg, dv.ref, "sw1", lines.append)
+
+    assert len(outcome.trials) == 2
+    failed = [t for t in outcome.trials if t["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["train.batch_size"] == 0
+    assert "batch_size" in failed[0]["error"]
+    good = outcome.trials[0]  # best first
+    assert good["train.batch_size"] == 32 and good["epochs"] >= 1
+    assert good["val_roc_auc"] > 0.95 and outcome.params["train.batch_size"] == 32
+    text = "\n".join(lines)
+    assert "tuning results (best first)" in text and "failed: " in text
+
+    sweep = root / "runs" / "sw1"
+    table = pq.read_table(sweep / "trials.parquet").to_pylist()
+    assert len(table) == 2 and {r["status"] for r in table} >= {"failed"}
+    assert (sweep / "trials.csv").read_text().count("\n") == 3  # header + 2 trials
+    for name in ("metric_by_param.png", "trial_curves.png"):
+        assert (sweep / "plots" / name).read_bytes().startswith(PNG)
+    # the best trial's Train run used DDP with 2 workers and lives under the sweep
+    assert Path(outcome.checkpoint_path).is_relative_to(sweep / "trials")
+
+    mv = stage_register(
+        cfg, dv, outcome.checkpoint_path, {"sweep_id": "sw1", "params": outcome.params}, []
+    )
+    assert mv.meta["lineage"]["sweep_id"] == "sw1"
+    assert mv.meta["lineage"]["params"]["train.batch_size"] == 32
+
+
+def test_optuna_searches_the_space(bc):
+    root, dv = bc
+    cfg = make_config(
+        root,
+        tune={
+            "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.width": {"choice": [8, 16]}},
+            "searcher": "optuna",
+            "scheduler": "none",
+            "epochs": 2,
+            "num_samples": 2,
+            "max_concurrent_trials": 2,
+        },
+    )
+    _, outcome = stage_tune(cfg, dv.ref, "opt1", quiet)
+    assert len(outcome.trials) == 2 and all(t["status"] == "finished" for t in outcome.trials)
+    assert all(t["epochs"] == 2 for t in outcome.trials)
+    assert all(1e-3 <= t["train.lr"] <= 3e-2 for t in outcome.trials)
+
+
+def trial_checkpoints(sweep: Path) -> dict[str, list[str]]:
+    """Each trial's Train run: its checkpoint folder names with a stored meta.json."""
+    found = {}
+    for run in sorted((sweep / "trials").glob("*")):
+        found[run.name] = sorted(
+            p.name for p in run.glob("checkpoint_*") if (p / "meta.json").exists()
+        )
+    return found
+
+
+def epochs_of(sweep: Path, trial: str) -> list[int]:
+    metas = (sweep / "trials" / trial).glob("checkpoint_*/meta.json")
+    return sorted(json.loads(m.read_text())["epoch"] for m in metas)
+
+
+def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
+    """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while its second trial
+    runs; `--resume` keeps the finished trial and finishes the rest."""
+    write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
+    epochs = 4
+    raw = {
+        "storage": {"root": str(tmp_path / "store")},
+        "data": {"name": "sweep", "source": str(tmp_path / "raw")},
+        "train": {"workers": 1, "batch_size": 8, "keep_checkpoints": epochs},
+        "tune": {
+            "space": {"model.depth": {"grid": [1, 2, 3]}},
+            "scheduler": "none",
+            "epochs": epochs,
+            "num_samples": 1,
+            "max_concurrent_trials": 1,
+        },
+        "cluster": {"address": ray.get_runtime_context().gcs_address},
+    }
+    cfg = make_config(tmp_path / "store", **{k: v for k, v in raw.items() if k != "storage"})
+    preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    dcml = Path(sys.executable).with_name("dcml")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(
+        [str(dcml), "tune", str(tmp_path / "cfg.yaml"), "--sweep-id", "s1", "--no-register"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    sweep = tmp_path / "store" / "runs" / "s1"
+
+    def progress() -> list[int]:
+        return [len(c) for c in trial_checkpoints(sweep).values()] if sweep.exists() else []
+
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not (
+            epochs in progress() and any(0 < n < epochs for n in progress())
+        ):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = trial_checkpoints(sweep)
+    finished = [t for t, c in before.items() if len(c) == epochs]
+    assert len(finished) == 1 and len(before) == 2, before
+
+    _, outcome = stage_tune(resumed_config(cfg, "s1"), None, "s1", quiet, resume=True)
+    after = trial_checkpoints(sweep)
+    assert len(outcome.trials) == 3 and all(t["status"] == "finished" for t in outcome.trials)
+    assert after[finished[0]] == before[finished[0]]  # kept, not run again
+    assert len(after) == 3
+    interrupted = next(t for t in before if t not in finished)
+    # it went on from its last checkpoint: epoch 0 was not run twice
+    assert epochs_of(sweep, interrupted).count(0) == 1
+    assert set(epochs_of(sweep, interrupted)) == set(range(epochs))
