@@ -145,6 +145,8 @@ def sweep(
 
     # Save the experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's newer console output prints a banner even at verbose=0; dcml prints its own table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     metric, mode = cfg.train.metric, cfg.train.mode
     sweep_path = storage.path("runs", sweep_id)
     trainable = tune.with_resources(
