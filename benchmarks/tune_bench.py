@@ -1,6 +1,6 @@
 """Tuning: ASHA early stopping against no early stopping on the same sweep, in the same run.
 
-    python benchmarks/tune_bench.py [--rows 100000] [--samples 8] [--epochs 16]
+    python benchmarks/tune_bench.py [--rows 100000] [--samples 16] [--epochs 27]
 
 Both sweeps run `dcml tune` (Ray Tune over Ray Train trials) on the same synthetic dataset, search
 space (log-uniform lr, depth 1-3), seed (so the same trial configs) and trial budget; one with
@@ -26,8 +26,11 @@ from train_bench import write_raw  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=27)
+    ap.add_argument("--grace", type=int, default=1, help="ASHA's first rung (epochs)")
+    ap.add_argument("--reduction", type=int, default=3, help="ASHA's reduction factor")
+    ap.add_argument("--workers", type=int, default=1, help="workers per trial (>1: DDP trials)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--concurrent", type=int, default=2)
     args = ap.parse_args()
@@ -52,9 +55,10 @@ def main() -> None:
             },
             "num_samples": args.samples,
             "epochs": args.epochs,
-            "grace_period": 2,
-            "reduction_factor": 2,
+            "grace_period": args.grace,
+            "reduction_factor": args.reduction,
             "max_concurrent_trials": args.concurrent,
+            "workers_per_trial": args.workers,
         },
     }
     cfg = parse_config(raw)
@@ -62,7 +66,8 @@ def main() -> None:
     dataset = preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
     print(
         f"{dataset.manifest['rows']['train']:,} training rows; {args.samples} trials of at most "
-        f"{args.epochs} epochs, {args.concurrent} at once; batch {args.batch}"
+        f"{args.epochs} epochs, {args.concurrent} at once of {args.workers} worker(s); batch "
+        f"{args.batch}; ASHA grace {args.grace}, reduction factor {args.reduction}"
     )
     results = {}
     for scheduler in ("asha", "none"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,32 @@ def make_config(root: Path, **sections) -> PipelineConfig:
         else:
             raw[name] = values
     return parse_config(raw)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+
+def preprocessed(root: Path):
+    """The bundled breast-cancer data preprocessed under a storage root: (root, version)."""
+    from dcml.data.preprocess import preprocess
+    from dcml.storage import Storage
+
+    cfg = make_config(root)
+    return root, preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
+
+
+def start_dcml(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
+    """`dcml ARGS CONFIG` as a real CLI process joined to this session's Ray, in a process group
+    of its own (so a test can kill it whole); its output goes to tmp_path/dcml.log."""
+    import ray
+    import yaml
+
+    raw = {**raw, "cluster": {"address": ray.get_runtime_context().gcs_address}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    dcml = Path(sys.executable).with_name("dcml")
+    return subprocess.Popen(
+        [str(dcml), *args[:1], str(tmp_path / "cfg.yaml"), *args[1:]],
+        stdout=open(tmp_path / "dcml.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

@@ -69,6 +69,12 @@ def test_search_space_names_the_field_and_what_is_wrong():
     assert "searcher optuna cannot take grid" in problem(
         "{model.depth: {grid: [1, 2]}}", "tune.searcher=optuna"
     )
+    assert "PBT copies weights between trials" in problem(
+        "{model.depth: {choice: [1, 2]}}", "tune.scheduler=pbt"
+    )
+    assert "train.cache: PBT trials cache their split" in problem(
+        "{train.lr: {uniform: [0.001, 0.01]}}", "tune.scheduler=pbt", "train.cache=none"
+    )
     ok = load_config(None, ["tune.space={model.dropout: {uniform: [0, 0.3]}}"])
     assert ok.tune.space == {"model.dropout": {"uniform": [0, 0.3]}}
 

@@ -2,13 +2,10 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from safetensors.torch import load_file
 
@@ -18,20 +15,16 @@ from dcml.pipeline import resumed_config, stage_register, stage_train
 from dcml.storage import Storage
 from dcml.train.loop import META, WEIGHTS, read_history
 
-from .conftest import make_config
+from .conftest import PNG, make_config, preprocessed, start_dcml
 from .test_data import quiet, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
-
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def bc(tmp_path_factory):
     """The bundled breast-cancer data, preprocessed once for the module."""
-    root = tmp_path_factory.mktemp("training") / "store"
-    cfg = make_config(root)
-    return root, preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    return preprocessed(tmp_path_factory.mktemp("training") / "store")
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -85,24 +78,15 @@ def test_a_run_killed_with_its_driver_resumes_by_run_id(tmp_path):
         "data": {"name": "resume", "source": str(tmp_path / "raw")},
         "model": {"depth": 2, "width": 64},
         "train": {"workers": 2, "epochs": epochs, "batch_size": 8, "keep_checkpoints": epochs},
-        "cluster": {"address": ray.get_runtime_context().gcs_address},
     }
     cfg = make_config(tmp_path / "store", **{k: v for k, v in raw.items() if k != "storage"})
     dv = preprocess(cfg, Storage.from_config(cfg), log=quiet)
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    dcml = Path(sys.executable).with_name("dcml")
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(
-        [str(dcml), "train", str(tmp_path / "cfg.yaml"), "--run-id", "r1", "--no-register"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_dcml(tmp_path, raw, "train", "--run-id", "r1", "--no-register")
     run_dir = tmp_path / "store" / "runs" / "r1"
     try:
         deadline = time.time() + 300
         while time.time() < deadline and len(checkpoint_epochs(run_dir)) < 2:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert proc.poll() is None, (tmp_path / "dcml.log").read_text()
             time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver is gone: its run's actors with it

@@ -3,34 +3,28 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
-import yaml
 
 from dcml.data.preprocess import preprocess
 from dcml.data.synth import synth_table
 from dcml.pipeline import resumed_config, stage_register, stage_tune
 from dcml.storage import Storage
 
-from .conftest import make_config
+from .conftest import PNG, make_config, preprocessed, start_dcml
 from .test_data import quiet, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
-PNG = b"\x89PNG\r\n\x1a\n"
-
 
 @pytest.fixture(scope="module")
 def bc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune") / "store"
-    cfg = make_config(root)
-    return root, preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    """The bundled breast-cancer data, preprocessed once for the module."""
+    return preprocessed(tmp_path_factory.mktemp("tune") / "store")
 
 
 def test_a_failed_trial_is_reported_and_the_sweep_goes_on_with_ddp_trials(bc):
@@ -99,26 +93,51 @@ def test_optuna_searches_the_space(bc):
     assert all(1e-3 <= t["train.lr"] <= 3e-2 for t in outcome.trials)
 
 
-def trial_checkpoints(sweep: Path) -> dict[str, list[str]]:
-    """Each trial's Train run: its checkpoint folder names with a stored meta.json."""
+def test_population_based_training_moves_weights_between_trials(bc):
+    root, dv = bc
+    cfg = make_config(
+        root,
+        tune={
+            "space": {"train.lr": {"loguniform": [1e-5, 3e-2]}},
+            "scheduler": "pbt",
+            "perturbation_interval": 2,
+            "epochs": 4,
+            "num_samples": 4,
+        },
+        train={"batch_size": 32},
+    )
+    _, outcome = stage_tune(cfg, dv.ref, "pbt1", quiet)
+    assert len({t["trial"] for t in outcome.trials}) == 4
+    assert all(t["status"] == "finished" and t["epochs"] == 4 for t in outcome.trials)
+    assert outcome.trials[0]["val_roc_auc"] > 0.97
+    # a worse trial took a better one's checkpoint and went on with a perturbed lr (the lr
+    # schedule is constant, so a second lr in a trial's history is PBT's doing)
+    histories = [pd.read_csv(p) for p in (root / "runs" / "pbt1").glob("*/progress.csv")]
+    assert any(h["lr"].nunique() > 1 for h in histories)
+    mv = stage_register(cfg, dv, outcome.checkpoint_path, {"sweep_id": "pbt1"}, [], quiet)
+    assert mv.meta["metrics"]["test_roc_auc"] > 0.95
+
+
+def trial_checkpoints(sweep: Path) -> dict[Path, list[str]]:
+    """Each trial's folder (Tune's for one-worker trials, its Train run's for DDP trials): its
+    checkpoint folder names with a stored meta.json."""
     found = {}
-    for run in sorted((sweep / "trials").glob("*")):
-        found[run.name] = sorted(
-            p.name for p in run.glob("checkpoint_*") if (p / "meta.json").exists()
+    for trial in sorted([*sweep.glob("_inline_trial_*"), *(sweep / "trials").glob("*")]):
+        found[trial] = sorted(
+            p.name for p in trial.glob("checkpoint_*") if (p / "meta.json").exists()
         )
     return found
 
 
-def epochs_of(sweep: Path, trial: str) -> list[int]:
-    metas = (sweep / "trials" / trial).glob("checkpoint_*/meta.json")
-    return sorted(json.loads(m.read_text())["epoch"] for m in metas)
+def epochs_of(trial: Path) -> list[int]:
+    return sorted(json.loads(m.read_text())["epoch"] for m in trial.glob("checkpoint_*/meta.json"))
 
 
 def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
     """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while its second trial
     runs; `--resume` keeps the finished trial and finishes the rest."""
-    write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
-    epochs = 4
+    write_shards(tmp_path / "raw", synth_table(12_000, 0, 0), 4)
+    epochs = 8
     raw = {
         "storage": {"root": str(tmp_path / "store")},
         "data": {"name": "sweep", "source": str(tmp_path / "raw")},
@@ -130,30 +149,26 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
             "num_samples": 1,
             "max_concurrent_trials": 1,
         },
-        "cluster": {"address": ray.get_runtime_context().gcs_address},
     }
     cfg = make_config(tmp_path / "store", **{k: v for k, v in raw.items() if k != "storage"})
     preprocess(cfg, Storage.from_config(cfg), log=quiet)
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    dcml = Path(sys.executable).with_name("dcml")
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(
-        [str(dcml), "tune", str(tmp_path / "cfg.yaml"), "--sweep-id", "s1", "--no-register"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_dcml(tmp_path, raw, "tune", "--sweep-id", "s1", "--no-register")
     sweep = tmp_path / "store" / "runs" / "s1"
 
-    def progress() -> list[int]:
-        return [len(c) for c in trial_checkpoints(sweep).values()] if sweep.exists() else []
+    def interrupted_mid_run() -> bool:
+        """One trial is done and another has checkpoints that Tune's saved state knows of."""
+        found = trial_checkpoints(sweep) if sweep.exists() else {}
+        states = list(sweep.glob("experiment_state-*.json")) if sweep.exists() else []
+        saved = max((p.stat().st_mtime for p in states), default=0)
+        return epochs in map(len, found.values()) and any(
+            1 < len(c) < epochs and (t / c[0] / "meta.json").stat().st_mtime < saved
+            for t, c in found.items()
+        )
 
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and not (
-            epochs in progress() and any(0 < n < epochs for n in progress())
-        ):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+        while time.time() < deadline and not interrupted_mid_run():
+            assert proc.poll() is None, (tmp_path / "dcml.log").read_text()
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -168,6 +183,7 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
     assert after[finished[0]] == before[finished[0]]  # kept, not run again
     assert len(after) == 3
     interrupted = next(t for t in before if t not in finished)
-    # it went on from its last checkpoint: epoch 0 was not run twice
-    assert epochs_of(sweep, interrupted).count(0) == 1
-    assert set(epochs_of(sweep, interrupted)) == set(range(epochs))
+    # it went on from its last checkpoint: epoch 0 was not run twice, no checkpoint overwritten
+    assert epochs_of(interrupted).count(0) == 1
+    assert set(epochs_of(interrupted)) == set(range(epochs))
+    assert set(before[interrupted]) < set(after[interrupted])

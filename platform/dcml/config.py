@@ -299,8 +299,13 @@ class TuneConfig(_Section):
         description="random: sample the space (grid entries crossed); grid: every combination "
         "(choice and grid entries only); optuna: TPE Bayesian search (the `tune` extra).",
     )
-    scheduler: Literal["asha", "none"] = Field(
-        "asha", description="asha: stop bad trials early on per-epoch metrics; none: run all."
+    scheduler: Literal["asha", "none", "pbt"] = Field(
+        "asha",
+        description="asha: stop bad trials early on per-epoch metrics; none: run all; pbt: "
+        "population-based training (trials copy better trials' weights and perturb train.*).",
+    )
+    perturbation_interval: int = Field(
+        2, ge=1, description="PBT: epochs between exploiting/perturbing trials."
     )
     num_samples: int = Field(
         4, ge=1, description="Trials (random, optuna); with grid entries: samples per grid point."
@@ -391,6 +396,15 @@ class PipelineConfig(_Section):
             problem = _field_problem(path)
             if problem:
                 raise ValueError(f"tune.space.{path}: {problem}")
+            if self.tune.scheduler == "pbt" and not path.startswith("train."):
+                raise ValueError(
+                    f"tune.space.{path}: PBT copies weights between trials, so it can vary "
+                    "train.* fields only (the model's shape must stay the same)"
+                )
+        if self.tune.scheduler == "pbt" and self.tune.workers_per_trial != 1:
+            raise ValueError("tune.workers_per_trial: PBT trains each trial in one process (1)")
+        if self.tune.scheduler == "pbt" and self.train.cache == "none":
+            raise ValueError("train.cache: PBT trials cache their split (memory or device)")
         if self.train.freeze_layers > self.model.depth:
             raise ValueError(
                 f"train.freeze_layers={self.train.freeze_layers} but model.depth is "

@@ -19,7 +19,7 @@ from dcml.config import PipelineConfig, parse_config
 from dcml.data.preprocess import DatasetVersion
 from dcml.storage import Storage
 from dcml.train.loop import META
-from dcml.train.trainer import best_checkpoint
+from dcml.train.trainer import PBT_STEP
 
 TRIAL_CPU = 0.01  # the trial function only waits on its trainer; Train workers hold the CPUs
 
@@ -74,6 +74,8 @@ def concurrency(cfg: PipelineConfig) -> int:
     res = ray.cluster_resources()
     cpus = res.get("CPU", 0)
     per_trial = t.workers_per_trial * cfg.train.cpus_per_worker + TRIAL_CPU
+    if inline(cfg):  # the trial trains in its own process
+        per_trial = cfg.train.cpus_per_worker
     budget = t.max_cpus if t.max_cpus is not None else (cpus - 1 if cpus > 2 else cpus)
     n = math.floor(budget / per_trial + 1e-9)
     if cfg.train.use_gpu:
@@ -117,6 +119,43 @@ def _trial(
     trainer.fit()
 
 
+def inline(cfg: PipelineConfig) -> bool:
+    """Whether a trial runs the training loop in its own process (one worker, its split cached)
+    instead of starting a Ray Train run: that saves Ray Train's 10-20 s of start-up per trial,
+    and PBT needs it (it copies the trials' own Tune checkpoints between them)."""
+    return cfg.tune.workers_per_trial == 1 and cfg.train.cache != "none"
+
+
+def _inline_trial(
+    params: dict[str, Any], base: dict[str, Any], storage_args: tuple, dataset: DatasetVersion
+) -> None:
+    """A one-worker trial: the training loop in this process, with Tune's own checkpoints."""
+    import pyarrow as pa
+    import torch
+
+    from dcml.train.trainer import LocalSplit, TrialSession, loop_config, split_tables, train_func
+
+    cfg = with_params(PipelineConfig.model_validate(base), params)
+    storage = Storage(*storage_args)
+    splits = {
+        s: LocalSplit(pa.concat_tables(split_tables(storage, dataset, s)))
+        for s in ("train", "validation")
+    }
+    device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
+    config = loop_config(cfg, storage, dataset, cfg.tune.epochs, progress=False)
+    train_func(config, TrialSession(splits, device, cfg.tune.epochs))
+
+
+def _mutations(cfg: PipelineConfig) -> dict[str, Any]:
+    """PBT's perturbations: the search space, with grids as plain lists of values."""
+    space = search_space(cfg)
+    for path, spec in cfg.tune.space.items():
+        kind, values = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            space[path] = list(values)
+    return space
+
+
 def _searcher(cfg: PipelineConfig, limit: int):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -141,7 +180,7 @@ def sweep(
     resume: bool = False,
 ) -> SweepOutcome:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     # Save the experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -149,16 +188,29 @@ def sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     metric, mode = cfg.train.metric, cfg.train.mode
     sweep_path = storage.path("runs", sweep_id)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _trial,
-            base=cfg.model_dump(),
-            storage_args=(storage.uri(), storage.options),
-            dataset=dataset,
-            trials_path=f"{sweep_path}/trials",
-        ),
-        {"cpu": TRIAL_CPU},
-    )
+    common = {
+        "base": cfg.model_dump(),
+        "storage_args": (storage.uri(), storage.options),
+        "dataset": dataset,
+    }
+    checkpoints = None
+    if inline(cfg):
+        gpu = 1 if cfg.train.use_gpu else 0
+        trainable = tune.with_resources(
+            tune.with_parameters(_inline_trial, **common),
+            {"cpu": cfg.train.cpus_per_worker, "gpu": gpu},
+        )
+        if cfg.tune.scheduler != "pbt":  # PBT keeps every checkpoint it may copy
+            checkpoints = tune.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            )
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, trials_path=f"{sweep_path}/trials", **common),
+            {"cpu": TRIAL_CPU},
+        )
     limit = concurrency(cfg)
     if resume:
         tuner = tune.Tuner.restore(
@@ -177,6 +229,16 @@ def sweep(
                 grace_period=min(cfg.tune.grace_period, cfg.tune.epochs),
                 reduction_factor=cfg.tune.reduction_factor,
             )
+        elif cfg.tune.scheduler == "pbt":
+            scheduler = PopulationBasedTraining(
+                time_attr=PBT_STEP,
+                require_attrs=False,  # the last epoch's result has no PBT_STEP
+                perturbation_interval=cfg.tune.perturbation_interval,
+                hyperparam_mutations=_mutations(cfg),
+                # synchronous: every trial reaches the step before the worst copy the best, so
+                # trials that wait for a CPU are compared too (and a sweep is reproducible)
+                synch=True,
+            )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg),
@@ -186,11 +248,13 @@ def sweep(
                 num_samples=cfg.tune.num_samples,
                 search_alg=_searcher(cfg, limit),
                 scheduler=scheduler,  # the searcher holds the concurrency limit
+                reuse_actors=cfg.tune.scheduler == "pbt",  # PBT pauses and resumes trials
             ),
             run_config=tune.RunConfig(
                 name=sweep_id,
                 storage_path=storage.path("runs"),
                 storage_filesystem=storage.arrow_fs(),
+                checkpoint_config=checkpoints,
                 verbose=0,
             ),
         )
@@ -212,7 +276,9 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
     for result in grid:
         df = result.metrics_dataframe
         found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(str(result.path)))
-        trial_id = (result.metrics or {}).get("trial_id") or (found[1] if found else "?")
+        # the folder names the trial: a PBT trial's last result can carry the id of the trial
+        # whose checkpoint it took
+        trial_id = found[1] if found else (result.metrics or {}).get("trial_id", "?")
         row = {
             "trial": trial_id,
             **{k: result.config.get(k) for k in cfg.tune.space},
@@ -224,13 +290,11 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         if df is not None and metric in df:
             row["epochs"] = int(df["epoch"].max()) + 1 if "epoch" in df else len(df)
             curves[trial_id] = (list(df["epoch"] + 1), list(df[metric]))
-            kept = df[df["checkpoint_path"].notna()] if "checkpoint_path" in df else df[:0]
-            kept = kept[kept[metric].notna()]
-            if len(kept):
-                i = (sign * kept[metric]).idxmax()
-                row[metric] = float(kept[metric][i])
-                if best is None or sign * row[metric] > best[0]:
-                    best = (sign * row[metric], trial_id, result.config)
+        found = _best_kept(storage, result, metric, sign)
+        if found is not None:
+            row[metric] = found[0]
+            if best is None or sign * found[0] > best[0]:
+                best = (sign * found[0], found[1], result.config)
         if not result.error and row["epochs"] < cfg.tune.epochs:
             row["status"] = "stopped early"
         trials.append(row)
@@ -241,10 +305,29 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
             f"sweep {sweep_id}: no trial reported {metric}; errors: "
             f"{[t['error'] for t in trials if t['error']]}"
         )
-    ckpt = best_checkpoint(storage, f"{sweep_path}/trials/{best[1]}", metric, mode)
+    ckpt = best[1]
     meta = storage.read_json(f"{ckpt}/{META}")
     params = {k: best[2][k] for k in cfg.tune.space}
     return SweepOutcome(sweep_id, ckpt, meta["metrics"], params, trials)
+
+
+def _best_kept(storage: Storage, result, metric: str, sign: int) -> tuple[float, str] | None:
+    """A trial's best stored checkpoint: (metric, path). Train-run trials report the paths of
+    their Train checkpoints as `checkpoint_path`; PBT trials keep Tune checkpoints."""
+    found = []
+    df = result.metrics_dataframe
+    if df is not None and "checkpoint_path" in df and metric in df:
+        rows = df[df["checkpoint_path"].notna() & df[metric].notna()]
+        found += [(r[metric], r["epoch"], r["checkpoint_path"]) for _, r in rows.iterrows()]
+    for checkpoint, m in result.best_checkpoints or []:
+        if m.get(metric) == m.get(metric) and metric in m:
+            found.append((m[metric], m.get("epoch", 0), checkpoint.path))
+    # The Train run keeps only its best checkpoints: skip paths it has deleted since.
+    found = [f for f in found if storage.exists(f"{f[2]}/{META}")]
+    if not found:
+        return None
+    value, _, path = max(found, key=lambda f: (sign * f[0], f[1]))
+    return float(value), path
 
 
 def _last_line(error: BaseException) -> str:

@@ -110,11 +110,98 @@ def n_outputs(task: str, classes: list | None) -> int:
     return len(classes) if task == "multiclass" else 1
 
 
-def train_func(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: plain PyTorch, with DDP through `prepare_model`."""
-    import ray.train
-    import ray.train.torch
+class TrainSession:
+    """What the loop needs from its host, as Ray Train gives it to each DDP worker."""
 
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def shard(self, split: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(split)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP when world > 1
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+PBT_STEP = "pbt_step"
+
+
+class LocalSplit:
+    """A stored split read with plain pyarrow, iterated the way the loop iterates a Ray Train
+    shard. A PBT trial holds its CPUs itself, so Ray Data tasks inside it could wait forever for
+    a CPU on a full node."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_torch_batches(
+        self, batch_size: int, collate_fn, device="cpu", local_shuffle_seed=None, **_
+    ):
+        table = self.table
+        if local_shuffle_seed is not None:
+            rng = np.random.default_rng(local_shuffle_seed)
+            table = table.take(rng.permutation(len(table)))
+        for start in range(0, len(table), batch_size):
+            part = table.slice(start, batch_size)
+            cols = {c: part.column(c).to_numpy() for c in part.column_names}
+            x, y = collate_fn(cols)
+            yield x.to(device), y.to(device)
+
+
+class TrialSession:
+    """The same loop in one process inside a Tune trial (PBT moves checkpoints between trials,
+    which needs Tune's own checkpoints): rank 0 of 1, the splits read in the trial."""
+
+    rank, world = 0, 1
+
+    def __init__(self, splits: dict[str, LocalSplit], device: torch.device, epochs: int):
+        self.splits, self.device, self.epochs = splits, device, epochs
+
+    def shard(self, split: str) -> LocalSplit:
+        return self.splits[split]
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
+        if metrics["epoch"] + 1 < self.epochs:
+            # PBT's clock: absent on the last epoch, so a finished trial is never sent back to
+            # copy another's checkpoint (it would restart at its end and train no epoch)
+            metrics = {**metrics, PBT_STEP: metrics["epoch"] + 1}
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_func(config: dict[str, Any], session: TrainSession | TrialSession | None = None) -> None:
+    """Runs on every Ray Train worker (or in a Tune trial): plain PyTorch, with DDP through the
+    session's `prepare`."""
     cfg = PipelineConfig.model_validate(config["cfg"])
     features: list[str] = config["features"]
     task: str = config.get("task", "binary")
@@ -122,22 +209,19 @@ def train_func(config: dict[str, Any]) -> None:
     epochs: int = config.get("epochs") or cfg.train.epochs
     if config.get("progress", True) != "verbose":
         _quiet_report_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = session or TrainSession()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
     # as many intra-op threads as the CPUs the worker holds: no oversubscription of the node
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     tc = cfg.train
     collate = _collate(features, task)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = session.shard("train")
     x = y = None
     if tc.cache != "none":  # read once; every epoch then draws batches from the cache
         x, y = cache_shard(train_shard, collate, device, tc.cache)
-    vx, vy = cache_shard(
-        ray.train.get_dataset_shard("validation"), collate, device, "device", "validation"
-    )
+    vx, vy = cache_shard(session.shard("validation"), collate, device, "device", "validation")
     vx, vy = vx.to(device), vy.cpu().numpy()
     weights = None
     if tc.class_weights == "balanced" and task != "regression":
@@ -154,13 +238,13 @@ def train_func(config: dict[str, Any]) -> None:
 
     spec = model_spec(cfg.model, len(features), n_outputs(task, classes))
     model = build_model(spec)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if config.get("init_path") and checkpoint is None:  # fine-tuning (a resumed run has its own)
         storage = Storage.from_config(cfg)
         with storage.fs.open(f"{config['init_path']}/{WEIGHTS}", "rb") as f:
             load_matching(model, load_safetensors(f.read()))
     freeze(model, tc.freeze_layers)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare(model)
     optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
     plateau = None
     if tc.schedule == "plateau":
@@ -230,11 +314,11 @@ def train_func(config: dict[str, Any]) -> None:
                     extra = {**stop.state(), "plateau": plateau.state_dict() if plateau else None}
                     save_checkpoint(d, model, optimizer, epoch, meta, extra)
                     write_history(d, history)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    session.report(metrics, d)
                 else:
-                    ray.train.report(metrics)
+                    session.report(metrics)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
         if done:
             if rank == 0 and config.get("progress", True):
                 print(f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}")
@@ -297,6 +381,15 @@ def fine_tune_source(
 SMALL_SPLIT_BYTES = 64 << 20  # stored Parquet bytes below which the driver reads a split itself
 
 
+def split_tables(storage: Storage, dataset: DatasetVersion, split: str) -> list:
+    """A stored split's shards as pyarrow tables, in file order (the names hold the split)."""
+    import pyarrow.parquet as pq
+
+    shards = [s for s in dataset.manifest["shards"] if s["split"] == split]
+    files = sorted(f"{dataset.path}/{s['name']}" for s in shards)
+    return [pq.read_table(f, filesystem=storage.fs) for f in files]
+
+
 def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
     """A stored split as a materialised Ray Dataset, its blocks in file order (so that the same
     seed and worker count give every rank the same rows).
@@ -305,16 +398,41 @@ def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
     of each starting read tasks (seconds per process on a small node). A small split is read with
     plain pyarrow, which takes milliseconds where Ray Data's read tasks take seconds to start.
     """
-    import pyarrow.parquet as pq
     import ray.data
 
     shards = [s for s in dataset.manifest["shards"] if s["split"] == split]
     if sum(s["bytes"] for s in shards) <= SMALL_SPLIT_BYTES:
-        files = sorted(f"{dataset.path}/{s['name']}" for s in shards)  # names hold the split
-        return ray.data.from_arrow([pq.read_table(f, filesystem=storage.fs) for f in files])
+        return ray.data.from_arrow(split_tables(storage, dataset, split))
     ds = ray.data.read_parquet(dataset.split_path(split), filesystem=storage.arrow_fs())
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
+
+
+def loop_config(
+    cfg: PipelineConfig,
+    storage: Storage,
+    dataset: DatasetVersion,
+    epochs: int | None = None,
+    progress: bool | str = True,
+) -> dict[str, Any]:
+    """What `train_func` needs besides its session: config, features, task, class weights, the
+    fine-tuning source (checked here, in the driver)."""
+    m = dataset.manifest
+    class_weights = None
+    if m.get("class_counts"):  # inverse frequency over the whole training split
+        counts = np.asarray(m["class_counts"]["train"], dtype=np.float64)
+        class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
+    spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
+    return {
+        "cfg": cfg.model_dump(),
+        "features": m["features"],
+        "task": m["task"],
+        "classes": m["classes"],
+        "class_weights": class_weights,
+        "epochs": epochs,
+        "progress": progress,
+        "init_path": fine_tune_source(cfg, storage, m["features"], spec),
+    }
 
 
 def build_trainer(
@@ -339,31 +457,14 @@ def build_trainer(
     )
     from ray.train.torch import TorchTrainer
 
-    m = dataset.manifest
-    class_weights = None
-    if m.get("class_counts"):  # inverse frequency over the whole training split
-        counts = np.asarray(m["class_counts"]["train"], dtype=np.float64)
-        class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
     workers = workers or cfg.train.workers
     check_resources(cfg, workers)
-    spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
-    init_path = fine_tune_source(cfg, storage, m["features"], spec)
-    fs = storage.arrow_fs()
     datasets = {split: split_dataset(storage, dataset, split) for split in ("train", "validation")}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
         train_func,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "features": m["features"],
-            "task": m["task"],
-            "classes": m["classes"],
-            "class_weights": class_weights,
-            "epochs": epochs,
-            "progress": progress,
-            "init_path": init_path,
-        },
+        train_loop_config=loop_config(cfg, storage, dataset, epochs, progress),
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.train.use_gpu,
@@ -375,7 +476,7 @@ def build_trainer(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path or storage.path("runs"),
-            storage_filesystem=fs,
+            storage_filesystem=storage.arrow_fs(),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.metric,
