@@ -262,6 +262,14 @@ def test_http_app_takes_categories_as_text(tmp_path):
     assert client.post("/predict", json={"color": "red"}).status_code == 422  # absent: an error
     meta = client.get("/metadata").json()
     assert meta["inputs"] == {"numeric": ["x"], "categorical": ["color"]}
+    # unknown_categories=reject: a category not seen in training is a 422 naming the column
+    strict = TestClient(
+        build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, None, "c@1", "reject")
+    )
+    assert strict.post("/predict", json={"x": 1.0, "color": "red"}).status_code == 200
+    r = strict.post("/predict", json={"x": 1.0, "color": "mauve"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "color"
+    assert "'blue' or 'red'" in r.json()["detail"][0]["msg"]
 
 
 def test_model_options_width_list_norm_residual():

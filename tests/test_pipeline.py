@@ -25,7 +25,7 @@ def pipeline(tmp_path_factory):
     lines: list[str] = []
     result = run_pipeline(cfg, log=lines.append, keep_serving=True)
     yield cfg, result, lines
-    serve.delete(cfg.serve.app_name)
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):

@@ -178,8 +178,11 @@ def models_show(model: str, config: Path | None = ConfigOpt, set_: list[str] | N
     from dcml import registry
     from dcml.storage import Storage
 
-    mv = registry.resolve_model(Storage.from_config(_config(config, set_)), model)
+    storage = Storage.from_config(_config(config, set_))
+    mv = registry.resolve_model(storage, model)
     shown = {k: v for k, v in mv.meta.items() if k not in ("preprocessor", "config")}
+    held = registry.aliases(storage, mv.name).items()
+    shown["aliases"] = sorted(a for a, v in held if v == mv.version)
     typer.echo(json.dumps(shown, indent=2, sort_keys=True, default=str))
 
 
@@ -188,15 +191,33 @@ def models_promote(
     name: str,
     version: int,
     alias: str = typer.Option("production"),
+    force: bool = typer.Option(False, help="Promote even if its test metric is worse."),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
 ):
-    """Point an alias (default: production) at a version."""
+    """Point an alias (default: production) at a version; refused if the version's test metric
+    is worse than the alias's current version's, unless --force."""
     from dcml import registry
     from dcml.storage import Storage
 
-    registry.set_alias(Storage.from_config(_config(config, set_)), name, alias, version)
-    typer.echo(f"{name}@{alias} -> {version}")
+    storage = Storage.from_config(_config(config, set_))
+    before = registry.set_alias(storage, name, alias, version, force=force)
+    typer.echo(f"{name}@{alias} -> {version}" + (f" (was {before})" if before else ""))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str,
+    alias: str = typer.Option("production"),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Point an alias back at the version it had before its latest promotion."""
+    from dcml import registry
+    from dcml.storage import Storage
+
+    version = registry.rollback(Storage.from_config(_config(config, set_)), name, alias)
+    typer.echo(f"{name}@{alias} -> {version} (rolled back)")
 
 
 @data_app.command("list")

@@ -362,12 +362,49 @@ class TuneConfig(_Section):
         return self
 
 
+class ServeAutoscaling(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Requests in flight per replica that autoscaling aims at."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> ServeAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}"
+            )
+        return self
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless told otherwise.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     app_name: str = Field("dcml", description="Ray Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
     num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
+    autoscaling: ServeAutoscaling | None = Field(
+        None, description="Set to autoscale replicas on load (num_replicas is then ignored)."
+    )
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica.")
+    use_gpu: bool = Field(False, description="One GPU per replica; the model runs on it.")
+    max_batch_size: int = Field(
+        256, ge=1, description="Dynamic batching: most records predicted in one call."
+    )
+    batch_wait_s: float = Field(
+        0.002, ge=0, description="Dynamic batching: longest wait for more requests to batch."
+    )
+    reload_s: float = Field(
+        5.0,
+        ge=0,
+        description="How often replicas check where the served alias points and switch to its "
+        "version (0: never).",
+    )
+    unknown_categories: Literal["bucket", "reject"] = Field(
+        "bucket",
+        description="A category not seen in training: the unknown bucket (as in training), or 422.",
+    )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
     auth_token: str | None = Field(None, description="If set, requests need this bearer token.")
     demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")

@@ -164,11 +164,14 @@ def stage_register(
     task = dataset.manifest["task"]
     test = task_metrics(task, y, predictor.predict_features(x))
     meta["metrics"] = {f"test_{k}": v for k, v in test.items()}
-    mv = registry.register(storage, cfg.name, checkpoint_path, meta, aliases)
-    log(
-        f"registered model {mv.ref} ({', '.join(aliases) or 'no alias'}) at "
-        f"{storage.to_uri(mv.path)}: test {format_metrics(test)}"
-    )
+    mv = registry.register(storage, cfg.name, checkpoint_path, meta)
+    log(f"registered model {mv.ref} at {storage.to_uri(mv.path)}: test {format_metrics(test)}")
+    for alias in aliases:
+        try:
+            registry.set_alias(storage, cfg.name, alias, mv.version)
+            log(f"{cfg.name}@{alias} -> {mv.version}")
+        except registry.PromotionRefused as e:  # the alias keeps its better version
+            log(f"warning: {e}")
     return mv
 
 
@@ -302,7 +305,8 @@ def run_pipeline(
     model = stage_register(cfg, dataset, best[1], best[2], ["production"], log)
 
     url = deploy(cfg, f"{cfg.name}@production")
-    log(f"serving {model.ref} (alias production) at {url}/predict")
+    served = registry.resolve_model(storage, f"{cfg.name}@production")
+    log(f"serving {served.ref} (alias production) at {url}/predict")
     table = raw_test_rows(cfg, dataset)
     m = dataset.manifest
     metrics, answered = query_served_model(

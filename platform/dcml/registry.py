@@ -37,7 +37,7 @@ def _versions(storage: Storage, name: str) -> list[int]:
 
 
 def register(
-    storage: Storage, name: str, checkpoint_path: str, meta: dict[str, Any], aliases: list[str] = ()
+    storage: Storage, name: str, checkpoint_path: str, meta: dict[str, Any]
 ) -> ModelVersion:
     """Copy a checkpoint's weights into a new version with `meta` (spec, preprocessor, lineage)."""
     parent = storage.path("models", name)
@@ -60,10 +60,7 @@ def register(
     except BaseException:
         storage.remove(tmp)
         raise
-    mv = ModelVersion(name, version, f"{parent}/{version}", full)
-    for alias in aliases:
-        set_alias(storage, name, alias, version)
-    return mv
+    return ModelVersion(name, version, f"{parent}/{version}", full)
 
 
 def get_version(storage: Storage, name: str, version: int) -> ModelVersion:
@@ -79,15 +76,79 @@ def _alias_path(storage: Storage, name: str, alias: str) -> str:
     return storage.path("models", name, "aliases", f"{alias}.json")
 
 
-def set_alias(storage: Storage, name: str, alias: str, version: int) -> None:
+class PromotionRefused(ValueError):
+    """A promotion that would make an alias's test metric worse (pass force to do it anyway)."""
+
+
+def test_metric(meta: dict[str, Any]) -> tuple[str, str, float | None]:
+    """A version's gating metric: the test-split twin of its training metric, its mode, value."""
+    train = meta.get("config", {}).get("train", {})
+    name = "test_" + str(train.get("metric", "val_roc_auc")).removeprefix("val_")
+    return name, train.get("mode", "max"), meta.get("metrics", {}).get(name)
+
+
+def _history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
+    path = _alias_path(storage, name, alias)
+    return storage.read_json(path)["history"] if storage.exists(path) else []
+
+
+def _stack(history: list[dict[str, Any]]) -> list[int]:
+    """The alias's versions as a stack: a promotion pushes, a rollback pops."""
+    stack: list[int] = []
+    for entry in history:
+        if entry.get("action") == "rollback":
+            stack.pop()
+        else:
+            stack.append(entry["version"])
+    return stack
+
+
+def _write_alias(storage, name, alias, version, history, action) -> None:
+    entry = {"version": version, "action": action, "at": time.time()}
+    storage.write_json(
+        _alias_path(storage, name, alias), {"version": version, "history": [*history, entry]}
+    )
+
+
+def set_alias(
+    storage: Storage, name: str, alias: str, version: int, force: bool = False
+) -> int | None:
+    """Point `alias` at `version`; returns the version it pointed at before (None if new).
+
+    Gated: a version whose test metric is worse than the alias's current version's is refused
+    (PromotionRefused) unless `force`."""
     if not alias or alias.isdigit() or alias == "latest" or "/" in alias:
         raise ValueError(f"bad alias {alias!r}: use a name such as 'production'")
-    get_version(storage, name, version)  # must exist
-    path = _alias_path(storage, name, alias)
-    history = storage.read_json(path)["history"] if storage.exists(path) else []
-    storage.write_json(
-        path, {"version": version, "history": [*history, {"version": version, "at": time.time()}]}
-    )
+    new = get_version(storage, name, version)  # must exist
+    history = _history(storage, name, alias)
+    current = _stack(history)[-1] if _stack(history) else None
+    if current is not None and current != version and not force:
+        metric, mode, old_value = test_metric(get_version(storage, name, current).meta)
+        value = new.meta.get("metrics", {}).get(metric)
+        worse = old_value is not None and (
+            value is None or (value < old_value if mode == "max" else value > old_value)
+        )
+        if worse:
+            raise PromotionRefused(
+                f"{name}@{version} has {metric} {value} but {name}@{alias} (version {current}) "
+                f"has {old_value}: not promoted (force to promote anyway)"
+            )
+    _write_alias(storage, name, alias, version, history, "promote")
+    return current
+
+
+def rollback(storage: Storage, name: str, alias: str) -> int:
+    """Point `alias` back at the version it pointed at before its latest promotion."""
+    history = _history(storage, name, alias)
+    stack = _stack(history)
+    if len(stack) < 2:
+        raise LookupError(f"{name}@{alias} has no earlier version to roll back to")
+    _write_alias(storage, name, alias, stack[-2], history, "rollback")
+    return stack[-2]
+
+
+def alias_history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
+    return _history(storage, name, alias)
 
 
 def aliases(storage: Storage, name: str) -> dict[str, int]:

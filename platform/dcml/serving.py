@@ -1,12 +1,16 @@
 """The HTTP face of a model version: a FastAPI app, hosted on Ray Serve.
 
-`build_http_app` is plain FastAPI around a `Predictor` (testable without Ray); `ModelServer` hosts
-it in Serve replicas, each loading the model version itself, so only a reference travels.
+`build_http_app` is plain FastAPI around a model source (testable without Ray); `ModelServer` hosts
+it in Serve replicas, each loading the model version itself, so only a reference travels. Replicas
+batch requests (`@serve.batch`) and follow their alias: when `dcml models promote` moves it, each
+replica loads the new version and swaps it in between batches, so no request fails.
 """
 
 import hmac
 import logging
-from typing import Annotated, Any
+import threading
+import time
+from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,14 +32,22 @@ class ServeArgs(BaseModel):
     storage_root: str = Field("./dcml-store", description="Storage root holding models/.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     num_replicas: int = Field(1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+    num_cpus: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    max_batch_size: int = Field(256, ge=1)
+    batch_wait_s: float = Field(0.002, ge=0)
+    reload_s: float = Field(5.0, ge=0)
+    unknown_categories: Literal["bucket", "reject"] = "bucket"
     max_request_bytes: int = Field(1_000_000, ge=1024)
     auth_token: str | None = None
 
 
-def record_model(pre: Preprocessor) -> type[BaseModel]:
+def record_model(pre: Preprocessor, unknown_categories: str = "bucket") -> type[BaseModel]:
     """A request record: every input column by name, nothing else. Numbers are finite; text is a
-    category. null is a missing value, imputed as in training where training imputed that column
-    (a column whose missing rows were dropped in training must be sent)."""
+    category (with unknown_categories="reject", one seen in training). null is a missing value,
+    imputed as in training where training imputed that column (a column whose missing rows were
+    dropped in training must be sent)."""
     finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
     text = Annotated[str, Field(strict=True, max_length=1024)]
     fields: dict[str, Any] = {}
@@ -43,8 +55,29 @@ def record_model(pre: Preprocessor) -> type[BaseModel]:
         kind = finite if pre.fill[name] is None else finite | None
         fields[f"f{i}"] = (kind, Field(alias=name))
     for i, name in enumerate(pre.categorical):
-        fields[f"c{i}"] = (text | None, Field(alias=name))
+        known = pre.categories[name]
+        kind = Literal[tuple(known)] if unknown_categories == "reject" and known else text
+        fields[f"c{i}"] = (kind | None, Field(alias=name))
     return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def same_schema(a: Preprocessor, b: Preprocessor) -> bool:
+    """Whether requests valid for one model version are valid for the other."""
+    return (a.numeric, a.categorical, a.categories) == (
+        b.numeric,
+        b.categorical,
+        b.categories,
+    ) and {c: a.fill[c] is None for c in a.numeric} == {c: b.fill[c] is None for c in b.numeric}
+
+
+class LocalModel:
+    """A fixed predictor as a model source (no Ray, no batching)."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+
+    async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.predictor.predict_records(rows)
 
 
 class BodyLimit:
@@ -91,11 +124,21 @@ def _field_name(loc: tuple) -> str:
 
 
 def build_http_app(
-    predictor: Predictor, max_request_bytes: int, auth_token: str | None, model_ref: str = ""
+    source: Any,
+    max_request_bytes: int,
+    auth_token: str | None,
+    model_ref: str = "",
+    unknown_categories: str = "bucket",
 ) -> FastAPI:
-    pre = predictor.preprocessor
-    Record = record_model(pre)
-    app = FastAPI(title="dcml model server", version=str(predictor.meta.get("version")))
+    """The app around a model source: a Predictor, or anything with a current `predictor` and an
+    async `predict(rows)` (a Serve replica, which batches and may switch versions)."""
+    if isinstance(source, Predictor):
+        source = LocalModel(source)
+    pre = source.predictor.preprocessor
+    Record = record_model(pre, unknown_categories)
+    Records = Annotated[list[Record], Field(min_length=1)]  # type: ignore[valid-type]
+    app = FastAPI(title="dcml model server", version=str(source.predictor.meta.get("version")))
+    _, _, alias = model_ref.partition("@")
 
     def check_token(request: Request) -> None:
         if auth_token is None:
@@ -126,73 +169,153 @@ def build_http_app(
 
     @app.get("/readyz")
     def readyz() -> dict:
-        return {"status": "ready", "model_version": predictor.version}
+        return {"status": "ready", "model_version": source.predictor.version}
 
     @app.get("/metadata", dependencies=[Depends(check_token)])
     def metadata() -> dict:
+        predictor = source.predictor
         m = predictor.meta
         return {
             "model": m.get("name"),
             "version": m.get("version"),
             "ref": model_ref,
+            "alias": alias if alias and not alias.isdigit() and alias != "latest" else None,
             "task": m.get("task", "binary"),
             "inputs": {"numeric": pre.numeric, "categorical": pre.categorical},
+            "schema": Record.model_json_schema(by_alias=True),
             "classes": predictor.classes,
             "metrics": m.get("metrics", {}),
             "lineage": m.get("lineage", {}),
         }
 
     @app.post("/predict", dependencies=[Depends(check_token)])
-    def predict(body: Annotated[Record | list[Record], Body()]) -> dict:  # type: ignore[valid-type]
+    async def predict(body: Annotated[Record | Records, Body()]) -> dict:  # type: ignore[valid-type]
         records = body if isinstance(body, list) else [body]
-        if not records:
-            raise HTTPException(422, "send one record or a non-empty list of records")
         rows = [r.model_dump(by_alias=True) for r in records]
-        return {"predictions": predictor.predict_records(rows), "model_version": predictor.version}
+        answers = await source.predict(rows)
+        return {"predictions": answers, "model_version": answers[0]["model_version"]}
 
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     return app
 
 
-# Half a CPU per replica so that a small node still has CPUs for Ray Data and Train beside it.
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=64)
 @serve.ingress()
 class ModelServer:
-    """A replica loads the model version itself: only the reference travels."""
+    """A replica loads the model version itself (only the reference travels), batches requests,
+    and follows its alias every `reload_s` seconds."""
 
     def __init__(self, args: dict[str, Any]):
-        from dcml.registry import resolve_model
         from dcml.storage import Storage
 
         self.args = ServeArgs.model_validate(args)
-        storage = Storage(self.args.storage_root, self.args.storage_options)
-        self.predictor = Predictor.from_storage(
-            storage, resolve_model(storage, self.args.model).path
+        self.storage = Storage(self.args.storage_root, self.args.storage_options)
+        self.device = "cuda" if self.args.use_gpu else "cpu"
+        self.ref = self.args.model
+        self.predictor = self._load(self.ref)
+        self.predict_batch.set_max_batch_size(self.args.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_s)
+        if self.args.reload_s > 0:
+            threading.Thread(target=self._follow, name="dcml-follow-alias", daemon=True).start()
+
+    def _load(self, ref: str) -> Predictor:
+        from dcml.registry import resolve_model
+
+        return Predictor.from_storage(
+            self.storage, resolve_model(self.storage, ref).path, self.device
         )
+
+    def switch(self) -> bool:
+        """Load the version the reference points at now, if it is another; True if switched."""
+        from dcml.registry import resolve_model
+
+        mv = resolve_model(self.storage, self.ref)
+        if mv.version == self.predictor.meta.get("version"):
+            return False
+        new = Predictor.from_storage(self.storage, mv.path, self.device)
+        if not same_schema(new.preprocessor, self.predictor.preprocessor):
+            log.error("not switching to %s: its inputs differ from the served schema", mv.ref)
+            return False
+        self.predictor = new  # one assignment: a batch uses the old or the new, whole
+        log.info("now serving %s for %s", mv.ref, self.ref)
+        return True
+
+    def _follow(self) -> None:
+        while True:
+            time.sleep(self.args.reload_s)
+            try:
+                self.switch()
+            except Exception:  # storage briefly unreachable: keep serving, try again later
+                log.exception("could not check %s", self.ref)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config: {model: REF}` (Serve config or `serve.run`) switches the reference."""
+        if user_config.get("model"):
+            self.ref = user_config["model"]
+            self.switch()
+
+    @serve.batch(
+        max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=lambda b: sum(map(len, b))
+    )
+    async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[list[dict]]:
+        """Requests' records predicted together in one vectorised call, then split back."""
+        predictor = self.predictor
+        answers = predictor.predict_records([row for rows in requests for row in rows])
+        out, start = [], 0
+        for rows in requests:
+            out.append(answers[start : start + len(rows)])
+            start += len(rows)
+        return out
+
+    async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self.predict_batch(rows)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         a = self.args
-        return build_http_app(self.predictor, a.max_request_bytes, a.auth_token, a.model)
+        return build_http_app(
+            self, a.max_request_bytes, a.auth_token, self.ref, a.unknown_categories
+        )
 
 
 def app_builder(args: dict[str, Any]):
     """Serve application builder (`serve run dcml.serving:app_builder model=...`)."""
     parsed = ServeArgs.model_validate(args)
-    return ModelServer.options(num_replicas=parsed.num_replicas).bind(parsed.model_dump())
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": parsed.num_cpus, "num_gpus": 1 if parsed.use_gpu else 0},
+        # room for a full batch of one-record requests in flight
+        "max_ongoing_requests": max(64, parsed.max_batch_size),
+    }
+    if parsed.autoscaling:
+        options["autoscaling_config"] = parsed.autoscaling
+    else:
+        options["num_replicas"] = parsed.num_replicas
+    return ModelServer.options(**options).bind(parsed.model_dump())
+
+
+def serve_args(cfg, model_ref: str) -> dict[str, Any]:
+    """The application's arguments from a pipeline config."""
+    from dcml.storage import Storage
+
+    s = cfg.serve
+    return {
+        "model": model_ref,
+        "storage_root": Storage.from_config(cfg).uri(),
+        "storage_options": cfg.storage.storage_options,
+        "num_replicas": s.num_replicas,
+        "autoscaling": s.autoscaling.model_dump() if s.autoscaling else None,
+        "num_cpus": s.num_cpus,
+        "use_gpu": s.use_gpu,
+        "max_batch_size": s.max_batch_size,
+        "batch_wait_s": s.batch_wait_s,
+        "reload_s": s.reload_s,
+        "unknown_categories": s.unknown_categories,
+        "max_request_bytes": s.max_request_bytes,
+        "auth_token": s.auth_token,
+    }
 
 
 def deploy(cfg, model_ref: str) -> str:
     """Start Serve on the configured host/port, deploy the model, return its base URL."""
-    from dcml.storage import Storage
-
-    args = {
-        "model": model_ref,
-        "storage_root": Storage.from_config(cfg).uri(),
-        "storage_options": cfg.storage.storage_options,
-        "num_replicas": cfg.serve.num_replicas,
-        "max_request_bytes": cfg.serve.max_request_bytes,
-        "auth_token": cfg.serve.auth_token,
-    }
     level = "WARNING" if cfg.cluster.quiet else "INFO"
     logging.getLogger("ray.serve").setLevel(level)
     serve.start(
@@ -200,7 +323,7 @@ def deploy(cfg, model_ref: str) -> str:
         logging_config={"log_level": level},
     )
     serve.run(
-        app_builder(args),
+        app_builder(serve_args(cfg, model_ref)),
         name=cfg.serve.app_name,
         route_prefix=cfg.serve.route_prefix,
         logging_config={"log_level": level},

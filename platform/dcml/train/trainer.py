@@ -104,6 +104,8 @@ def _quiet_report_log() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # another Ray version: nothing to quiet
         pass
+    # Tune's function trainables (one-worker trials) log each checkpoint they persist
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
 
 def n_outputs(task: str, classes: list | None) -> int:

@@ -1,0 +1,284 @@
+"""Ray Serve over real HTTP: batching, a corpus of bad requests, property-based requests from the
+OpenAPI schema, an alias switch under load and a replica killed under load."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from ray import serve
+
+from dcml import registry
+from dcml.pipeline import raw_test_rows, stage_register, stage_train
+from dcml.predictor import Predictor
+from dcml.serving import deploy
+from dcml.storage import Storage
+
+from .conftest import make_config, preprocessed
+from .test_data import quiet
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """bc@1 and bc@2 (the same weights) registered; bc@production -> 1 served by 2 replicas."""
+    root, dv = preprocessed(tmp_path_factory.mktemp("serve") / "store")
+    cfg = make_config(
+        root,
+        name="bc",
+        train={"workers": 1, "epochs": 3},
+        serve={
+            "num_replicas": 2,
+            "num_cpus": 0.25,
+            "reload_s": 0.5,
+            "auth_token": TOKEN,
+            "max_request_bytes": 50_000,
+        },
+    )
+    _, trained = stage_train(cfg, dv.ref, run_id="serve", log=quiet)
+    v1 = stage_register(cfg, dv, trained.checkpoint_path, {}, ["production"], quiet)
+    v2 = stage_register(cfg, dv, trained.checkpoint_path, {}, [], quiet)
+    url = deploy(cfg, "bc@production")
+    storage = Storage.from_config(cfg)
+    rows = [
+        {c: r[c] for c in dv.preprocessor.inputs}
+        for r in raw_test_rows(cfg, dv, limit=40).to_pylist()
+    ]
+    yield cfg, url, storage, rows, (v1, v2)
+    serve.shutdown()  # the next module starts Serve on its own port
+
+
+def post(url: str, body, **kw) -> requests.Response:
+    return requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=30, **kw)
+
+
+def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served):
+    _, url, storage, rows, (v1, _) = served
+    offline = Predictor.from_storage(storage, v1.path).predict_records(rows)
+    with ThreadPoolExecutor(16) as pool:  # one record per request: Serve batches them
+        singles = list(pool.map(lambda r: post(url, r), rows))
+    assert all(r.status_code == 200 for r in singles)
+    answered = [r.json()["predictions"][0] for r in singles]
+    assert [a["probability"] for a in answered] == pytest.approx(
+        [o["probability"] for o in offline], rel=1e-6
+    )
+    assert {a["model_version"] for a in answered} == {"bc@1"}
+    many = post(url, rows).json()
+    assert many["model_version"] == "bc@1" and len(many["predictions"]) == len(rows)
+
+    meta = requests.get(f"{url}/metadata", headers=AUTH, timeout=10).json()
+    assert (meta["model"], meta["version"], meta["alias"]) == ("bc", 1, "production")
+    assert set(meta["schema"]["properties"]) == set(rows[0])
+    assert meta["metrics"]["test_roc_auc"] > 0.9
+    assert requests.get(f"{url}/readyz", timeout=10).json()["model_version"] == "bc@1"
+    assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/predict"]
+
+
+def bad_requests(good: dict, limit: int) -> dict[str, tuple[dict, int]]:
+    """name -> (requests.post keyword arguments, expected status)."""
+    field = next(iter(good))
+    rest = {k: v for k, v in good.items() if k != field}
+    js = {"Content-Type": "application/json", **AUTH}
+
+    def raw(text: str) -> dict:
+        return {"data": text, "headers": js}
+
+    def body(value) -> dict:
+        return {"json": value, "headers": AUTH}
+
+    return {
+        "not json": (raw("{not json"), 422),
+        "empty body": (raw(""), 422),
+        "a bare string": (body("hello"), 422),
+        "null": (raw("null"), 422),
+        "empty list": (body([]), 422),
+        "list of lists": (body([[1, 2]]), 422),
+        "missing field": (body(rest), 422),
+        "extra field": (body({**good, "bogus": 1.0}), 422),
+        "wrong type": (body({**good, field: "big"}), 422),
+        "bool for number": (body({**good, field: True}), 422),
+        "nested object": (body({**good, field: {"v": 1}}), 422),
+        "NaN": (raw(json.dumps({**good, field: float("nan")})), 422),
+        "Infinity": (raw(json.dumps({**good, field: float("inf")})), 422),
+        "huge number": (raw(f'{{"{field}": 1e999, ' + json.dumps(rest)[1:]), 422),
+        "huge body": (raw("[" + "1," * limit + "1]"), 413),
+        "wrong content type": (
+            {"data": json.dumps(good), "headers": {**AUTH, "Content-Type": "text/plain"}},
+            422,
+        ),
+        "no token": ({"json": good, "headers": {}}, 401),
+        "wrong token": ({"json": good, "headers": {"Authorization": "Bearer nope"}}, 401),
+    }
+
+
+def test_a_corpus_of_bad_requests_gets_4xx_and_the_server_keeps_answering(served):
+    cfg, url, _, rows, _ = served
+    good = rows[0]
+    for name, (kwargs, status) in bad_requests(good, cfg.serve.max_request_bytes).items():
+        r = requests.post(f"{url}/predict", timeout=30, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert "Traceback" not in r.text and 'File "' not in r.text, name
+        named = ("missing field", "wrong type", "bool for number", "NaN", "huge number")
+        if name in named:
+            assert next(iter(good)) in {d["field"] for d in r.json()["detail"]}, (name, r.text)
+        assert post(url, good).status_code == 200, f"server broken after {name}"
+    assert requests.get(f"{url}/metadata", timeout=10).status_code == 401
+
+
+def test_property_based_requests_from_the_openapi_schema_find_no_5xx(served, tmp_path):
+    _, url, _, _, _ = served
+    st = Path(sys.executable).with_name("st")
+    result = subprocess.run(
+        [
+            str(st),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "20",
+            "--seed",
+            "1",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "--request-timeout",
+            "30",
+            "--max-time",
+            "45",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "Tested: 4" in result.stdout and "mismatch" not in result.stdout, result.stdout[-3000:]
+
+
+class Load:
+    """Requests in a loop from a few threads, every answer counted, until stopped."""
+
+    def __init__(self, url: str, row: dict, threads: int = 4):
+        self.url, self.row = url, row
+        self.statuses: Counter = Counter()
+        self.versions: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = post(self.url, self.row)
+                self.statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    self.versions.append(r.json()["model_version"])
+                else:
+                    self.errors.append(r.text[:200])
+            except requests.RequestException as e:
+                self.statuses["connection"] += 1
+                self.errors.append(repr(e)[:200])
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_moving_the_alias_switches_running_replicas_without_failing_a_request(served):
+    cfg, url, storage, rows, _ = served
+    with Load(url, rows[0]) as load:
+        wait_for(lambda: len(load.versions) > 20)
+        registry.set_alias(storage, "bc", "production", 2)  # what `dcml models promote` does
+        wait_for(lambda: load.versions[-8:] == ["bc@2"] * 8)
+        n = len(load.versions)
+        wait_for(lambda: len(load.versions) > n + 20)
+    assert set(load.statuses) == {200}, (load.statuses, load.errors[:3])
+    assert load.versions[0] == "bc@1" and load.versions[-1] == "bc@2"
+    # both replicas switched: every answer after the first bc@2 one... settles on bc@2
+    assert "bc@1" not in load.versions[-20:]
+    assert requests.get(f"{url}/metadata", headers=AUTH, timeout=10).json()["version"] == 2
+
+
+def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
+    import ray
+    from ray.util.state import list_actors
+
+    _, url, _, rows, _ = served
+
+    def replicas() -> list:
+        found = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        return [a for a in found if "ModelServer" in (a.class_name or "")]
+
+    before = replicas()
+    assert len(before) == 2
+    with Load(url, rows[0]) as load:
+        wait_for(lambda: sum(load.statuses.values()) > 20)
+        ray.kill(ray.get_actor(before[0].name, namespace="serve"), no_restart=True)
+        # Serve's controller notices and starts a new replica in its place
+        wait_for(
+            lambda: (
+                len(replicas()) == 2 and before[0].actor_id not in {a.actor_id for a in replicas()}
+            ),
+            timeout=120,
+        )
+        n = load.statuses[200]
+        wait_for(lambda: load.statuses[200] > n + 40)
+    total = sum(load.statuses.values())
+    failed = total - load.statuses[200]
+    print(f"replica killed under load: {failed} of {total} requests failed ({dict(load.statuses)})")
+    assert failed < total / 2, load.errors[:3]
+    assert post(url, rows[0]).status_code == 200
+
+
+def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served):
+    """serve_apps/config.yaml is what Ray's `serve run`/`serve deploy` take; its app, deployed
+    beside the first, answers; a `user_config: {model: REF}` switches it to another version."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from dcml.serving import ModelServer
+
+    from .conftest import REPO
+
+    _, url, storage, rows, _ = served
+    raw = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
+    app = ServeDeploySchema.model_validate(raw).applications[0]
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    module, _, attr = app.import_path.partition(":")
+    builder = getattr(__import__(module, fromlist=[attr]), attr)
+    args = {**app.args, "model": "bc@1", "storage_root": storage.uri(), "auth_token": TOKEN}
+    args["reload_s"] = 0
+    serve.run(builder(args), name="fromfile", route_prefix="/fromfile")
+    try:
+        assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == "bc@1"
+        switched = ModelServer.options(
+            user_config={"model": "bc@2"}, ray_actor_options={"num_cpus": args["num_cpus"]}
+        ).bind(args)
+        serve.run(switched, name="fromfile", route_prefix="/fromfile")
+        assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == "bc@2"
+    finally:
+        serve.delete("fromfile")
