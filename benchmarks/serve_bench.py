@@ -1,7 +1,7 @@
 """Serving: the dcml Serve app against a plain FastAPI + uvicorn app, and batch inference against a
 plain PyTorch script, in the same run.
 
-    python benchmarks/serve_bench.py [--requests 400] [--rows 200000]
+    python benchmarks/serve_bench.py [--requests 400] [--rows 1000000] [--batch-wait S]
 
 Both HTTP servers wrap the same registered model version (breast-cancer data, an MLP trained for a
 few epochs) through the same `Predictor`:
@@ -100,8 +100,9 @@ def wait_up(url: str, timeout: float = 60) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--rows", type=int, default=200_000, help="batch inference rows")
+    ap.add_argument("--requests", type=int, default=400, help="per cell (0: skip HTTP)")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="batch inference rows (0: skip)")
+    ap.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_s")
     args = ap.parse_args()
 
     import socket
@@ -125,7 +126,11 @@ def main() -> None:
             "name": "bc",
             "storage": {"root": str(tmp / "store")},
             "train": {"workers": 1, "epochs": 3},
-            "serve": {"port": free_port(), "reload_s": 0},
+            "serve": {
+                "port": free_port(),
+                "reload_s": 0,
+                **({} if args.batch_wait is None else {"batch_wait_s": args.batch_wait}),
+            },
         }
     )
     connect(cfg.cluster)
@@ -139,41 +144,44 @@ def main() -> None:
     rows = [{c: r[c] for c in inputs} for r in table.to_pylist()]
     rows = [r for r in rows if all(v == v for v in r.values())]  # no missing values (NaN)
 
-    served = deploy(cfg, "bc@production")
-    plain_port = free_port()
-    (tmp / "plain_app.py").write_text(PLAIN_APP)
-    plain = subprocess.Popen(
-        [sys.executable, str(tmp / "plain_app.py"), mv.path, str(plain_port)],
-        env={"PYTHONPATH": str(ROOT / "platform"), "PATH": "/usr/bin:/bin"},
-    )
-    try:
-        wait_up(f"http://127.0.0.1:{plain_port}/docs")
-        wait_up(f"{served}/healthz")
-        urls = {"dcml": f"{served}/predict", "plain": f"http://127.0.0.1:{plain_port}/predict"}
-        print(f"model {mv.ref}; {args.requests} requests per cell")
-        print("| payload | concurrency | server | requests/s | p50 ms | p99 ms |")
-        print("| --- | ---: | --- | ---: | ---: | ---: |")
-        ratios = []
-        for name, payload in (("1 record", rows[0]), ("64 records", (rows * 64)[:64])):
-            for conc in (1, 8, 32):
-                got = {}
-                for server, url in urls.items():
-                    rps, lat = asyncio.run(load(url, payload, conc, args.requests))
-                    p50 = statistics.median(lat) * 1e3
-                    p99 = float(np.percentile(lat, 99)) * 1e3
-                    got[server] = (rps, p50, p99)
-                    print(f"| {name} | {conc} | {server} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
-                (dr, d50, _), (pr, p50_, _) = got["dcml"], got["plain"]
-                ratios.append((name, conc, dr / pr, d50 / p50_))
-        for name, conc, throughput, latency in ratios:
-            print(
-                f"{name}, concurrency {conc}: dcml/plain requests/s {throughput:.2f}x, "
-                f"p50 {latency:.2f}x"
-            )
-    finally:
-        plain.terminate()
-        plain.wait()
+    if args.requests:
+        served = deploy(cfg, "bc@production")
+        plain_port = free_port()
+        (tmp / "plain_app.py").write_text(PLAIN_APP)
+        plain = subprocess.Popen(
+            [sys.executable, str(tmp / "plain_app.py"), mv.path, str(plain_port)],
+            env={"PYTHONPATH": str(ROOT / "platform"), "PATH": "/usr/bin:/bin"},
+        )
+        try:
+            wait_up(f"http://127.0.0.1:{plain_port}/docs")
+            wait_up(f"{served}/healthz")
+            urls = {"dcml": f"{served}/predict", "plain": f"http://127.0.0.1:{plain_port}/predict"}
+            print(f"model {mv.ref}; {args.requests} requests per cell")
+            print("| payload | concurrency | server | requests/s | p50 ms | p99 ms |")
+            print("| --- | ---: | --- | ---: | ---: | ---: |")
+            ratios = []
+            for name, payload in (("1 record", rows[0]), ("64 records", (rows * 64)[:64])):
+                for conc in (1, 8, 32):
+                    got = {}
+                    for server, url in urls.items():
+                        rps, lat = asyncio.run(load(url, payload, conc, args.requests))
+                        p50 = statistics.median(lat) * 1e3
+                        p99 = float(np.percentile(lat, 99)) * 1e3
+                        got[server] = (rps, p50, p99)
+                        print(f"| {name} | {conc} | {server} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
+                    (dr, d50, _), (pr, p50_, _) = got["dcml"], got["plain"]
+                    ratios.append((name, conc, dr / pr, d50 / p50_))
+            for name, conc, throughput, latency in ratios:
+                print(
+                    f"{name}, concurrency {conc}: dcml/plain requests/s {throughput:.2f}x, "
+                    f"p50 {latency:.2f}x"
+                )
+        finally:
+            plain.terminate()
+            plain.wait()
 
+    if not args.rows:
+        return
     # batch inference: the same rows tiled to --rows, as raw Parquet shards
     big = pa.concat_tables([table] * (args.rows // table.num_rows + 1)).slice(0, args.rows)
     big = big.set_column(big.schema.get_field_index("id"), "id", pa.array(np.arange(args.rows)))

@@ -58,8 +58,8 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
         _PredictBatch,
         fn_constructor_args=(storage.uri(), storage.options, mv.path, id_col),
         batch_format="pyarrow",
-        batch_size=4096,
-        concurrency=1,
+        batch_size=65_536,  # the model is small: big batches keep per-call overhead down
+        concurrency=(1, 2),
         # A fraction of a CPU: a whole one, beside a Serve replica, left the read tasks none on a
         # 2-CPU node and the job waited forever.
         num_cpus=0.5,
