@@ -186,6 +186,9 @@ def sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # Tune's newer console output prints a banner even at verbose=0; dcml prints its own table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Keeping the best N checkpoints makes Tune save its state at every checkpoint (which is what
+    # lets --resume find them), and warn about it each time: keep the saves, drop the warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     metric, mode = cfg.train.metric, cfg.train.mode
     sweep_path = storage.path("runs", sweep_id)
     common = {
