@@ -491,12 +491,6 @@ def build_trainer(
     )
 
 
-def best_checkpoint(storage: Storage, run_path: str, metric: str, mode: str) -> str:
-    """The stored checkpoint under `run_path` with the best `metric`."""
-    names = [n for n in storage.ls(run_path) if n.startswith("checkpoint_")]
-    return best_of(storage, [f"{run_path}/{n}" for n in names], metric, mode)
-
-
 def best_of(storage: Storage, paths: list[str], metric: str, mode: str) -> str:
     """The checkpoint among `paths` with the best `metric` (later epochs win ties)."""
     sign = 1 if mode == "max" else -1
