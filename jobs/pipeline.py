@@ -1,11 +1,12 @@
-"""The whole pipeline as a Ray job.
+"""The whole pipeline as a Ray job:
 
-ray job submit ... -- python jobs/pipeline.py configs/breast_cancer.yaml [--set k=v]
+ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
+    -- python jobs/pipeline.py --config configs/breast_cancer.yaml [--set k=v ...]
 """
 
 import sys
 
-from dcml.cli import main
+from dcml.jobs import job_main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    sys.exit(job_main("pipeline"))

@@ -159,6 +159,26 @@ def predict(
     _shutdown()
 
 
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="Pipeline config (YAML), inside the repository."),
+    stage: str = typer.Option("pipeline", help="pipeline, preprocess, train or tune."),
+    address: str = typer.Option(
+        None, envvar="RAY_API_SERVER_ADDRESS", help="Dashboard of the cluster: http://HEAD:8265."
+    ),
+    run_id: str | None = typer.Option(None, help="Train run / sweep id (resubmit to resume)."),
+    set_: list[str] | None = SetOpt,
+):
+    """Submit a stage as a Ray job (dcml and the repository travel with it)."""
+    from dcml.jobs import submit as submit_job
+
+    load_config(config, set_ or [])  # a bad config fails here, not on the cluster
+    address = address or "http://127.0.0.1:8265"
+    job_id = submit_job(address, stage, str(config), set_ or [], run_id)
+    typer.echo(f"submitted job {job_id} to {address}")
+    typer.echo(f"follow it: ray job logs --follow {job_id} --address {address}")
+
+
 @models_app.command("list")
 def models_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     """Registered models, their versions and aliases."""

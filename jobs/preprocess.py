@@ -1,0 +1,12 @@
+"""The preprocess stage as a Ray job:
+
+ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
+    -- python jobs/preprocess.py --config configs/breast_cancer.yaml [--set k=v ...]
+"""
+
+import sys
+
+from dcml.jobs import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("preprocess"))

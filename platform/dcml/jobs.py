@@ -1,0 +1,66 @@
+"""Ray jobs: the entry points `jobs/*.py` run, and `dcml submit`, which submits them.
+
+A job runs on the cluster from the uploaded working directory, with dcml itself shipped as a
+`py_modules` entry of `jobs/runtime_env.yaml`, so the cluster needs only Ray and torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RUNTIME_ENV = REPO / "jobs" / "runtime_env.yaml"
+# stage -> its entry point; these stages take the config as the CLI's first argument
+STAGES = ("pipeline", "preprocess", "train", "tune")
+
+
+def job_main(stage: str, argv: list[str] | None = None) -> int:
+    """`python jobs/STAGE.py --config PATH [--set k=v ...] [stage options]` -> `dcml STAGE`."""
+    from dcml.cli import main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in args:  # the job form names the config; the CLI takes it first
+        i = args.index("--config")
+        args = [*args[i + 1 : i + 2], *args[:i], *args[i + 2 :]]
+    print(f"[dcml] job: {stage} with dcml from {Path(__file__).parent}", flush=True)
+    return main(["run" if stage == "pipeline" else stage, *args])
+
+
+def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:
+    """The jobs' runtime env, its local paths made absolute (so it works from any directory)."""
+    env = yaml.safe_load(path.read_text())
+    env["py_modules"] = [str((REPO / p).resolve()) for p in env.get("py_modules", [])]
+    env["working_dir"] = str(REPO)
+    return env
+
+
+def submit(
+    address: str, stage: str, config: str, overrides: list[str], run_id: str | None = None
+) -> str:
+    """Submit `jobs/STAGE.py` to the cluster at `address`; returns the job id."""
+    from ray.job_submission import JobSubmissionClient
+
+    if stage not in STAGES:
+        raise ValueError(f"--stage {stage!r}: one of {', '.join(STAGES)}")
+    cfg_path = Path(config).resolve()
+    if not cfg_path.is_relative_to(REPO):
+        raise ValueError(f"config {config}: must be inside {REPO}, which the job uploads")
+    entry = ["python", f"jobs/{stage}.py", "--config", str(cfg_path.relative_to(REPO))]
+    for o in overrides:
+        entry += ["--set", o]
+    if run_id and stage in ("train", "tune"):
+        entry += ["--run-id" if stage == "train" else "--sweep-id", run_id]
+    client = JobSubmissionClient(address)
+    return client.submit_job(
+        entrypoint=" ".join(_quote(a) for a in entry), runtime_env=runtime_env()
+    )
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
