@@ -57,6 +57,16 @@ def head(tmp_path_factory):
                 pass
             assert time.time() < deadline, "the head's dashboard did not come up"
             time.sleep(0.5)
+        # the dashboard answers before the head's job agent runs: wait until a job goes through
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        from dcml.jobs import submit_entrypoint
+
+        client = JobSubmissionClient(address)
+        job = submit_entrypoint(client, "python -c pass", {}, wait_s=120)
+        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            assert time.time() < deadline + 120, "the head ran no job"
+            time.sleep(0.5)
         yield address
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head and every process it started

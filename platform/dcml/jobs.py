@@ -7,6 +7,7 @@ A job runs on the cluster from the uploaded working directory, with dcml itself 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,22 @@ def submit(
         entry += ["--set", o]
     if run_id and stage in ("train", "tune"):
         entry += ["--run-id" if stage == "train" else "--sweep-id", run_id]
-    client = JobSubmissionClient(address)
-    return client.submit_job(
-        entrypoint=" ".join(_quote(a) for a in entry), runtime_env=runtime_env()
+    return submit_entrypoint(
+        JobSubmissionClient(address), " ".join(_quote(a) for a in entry), runtime_env()
     )
+
+
+def submit_entrypoint(client, entrypoint: str, env: dict[str, Any], wait_s: float = 60) -> str:
+    """Submit, waiting out a head whose job agent has not started yet (a new cluster answers
+    "No available agent to submit job" for its first seconds)."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _quote(arg: str) -> str:
