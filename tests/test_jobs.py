@@ -15,7 +15,8 @@ import requests
 
 from .conftest import REPO, free_port
 
-pytestmark = [pytest.mark.slow]
+# with the session's Ray running beside the head, as in the full suite (they must not collide)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 BIN = Path(sys.executable).parent
 # a local test cluster: no token (a real cluster keeps Ray's token auth)
@@ -35,6 +36,19 @@ def head(tmp_path_factory):
             "--block",
             f"--port={port}",
             f"--dashboard-port={dash}",
+            # the session's Ray already holds the agents' default ports (52365, ...)
+            *(
+                f"--{name}={free_port()}"
+                for name in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "metrics-export-port",
+                    "runtime-env-agent-port",
+                    "ray-client-server-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                )
+            ),
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             "--object-store-memory=300000000",
