@@ -6,6 +6,7 @@ A job runs on the cluster from the uploaded working directory, with dcml itself 
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = REPO / "jobs" / "runtime_env.yaml"
-# stage -> its entry point; these stages take the config as the CLI's first argument
+# stages with an entry point jobs/STAGE.py
 STAGES = ("pipeline", "preprocess", "train", "tune")
 
 
@@ -55,9 +56,7 @@ def submit(
         entry += ["--set", o]
     if run_id and stage in ("train", "tune"):
         entry += ["--run-id" if stage == "train" else "--sweep-id", run_id]
-    return submit_entrypoint(
-        JobSubmissionClient(address), " ".join(_quote(a) for a in entry), runtime_env()
-    )
+    return submit_entrypoint(JobSubmissionClient(address), shlex.join(entry), runtime_env())
 
 
 def submit_entrypoint(client, entrypoint: str, env: dict[str, Any], wait_s: float = 60) -> str:
@@ -71,9 +70,3 @@ def submit_entrypoint(client, entrypoint: str, env: dict[str, Any], wait_s: floa
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
             time.sleep(1)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)

@@ -87,7 +87,7 @@ def test_metric(meta: dict[str, Any]) -> tuple[str, str, float | None]:
     return name, train.get("mode", "max"), meta.get("metrics", {}).get(name)
 
 
-def _history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
+def alias_history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
     path = _alias_path(storage, name, alias)
     return storage.read_json(path)["history"] if storage.exists(path) else []
 
@@ -120,8 +120,8 @@ def set_alias(
     if not alias or alias.isdigit() or alias == "latest" or "/" in alias:
         raise ValueError(f"bad alias {alias!r}: use a name such as 'production'")
     new = get_version(storage, name, version)  # must exist
-    history = _history(storage, name, alias)
-    current = _stack(history)[-1] if _stack(history) else None
+    history = alias_history(storage, name, alias)
+    current = next(reversed(_stack(history)), None)
     if current is not None and current != version and not force:
         metric, mode, old_value = test_metric(get_version(storage, name, current).meta)
         value = new.meta.get("metrics", {}).get(metric)
@@ -139,16 +139,12 @@ def set_alias(
 
 def rollback(storage: Storage, name: str, alias: str) -> int:
     """Point `alias` back at the version it pointed at before its latest promotion."""
-    history = _history(storage, name, alias)
+    history = alias_history(storage, name, alias)
     stack = _stack(history)
     if len(stack) < 2:
         raise LookupError(f"{name}@{alias} has no earlier version to roll back to")
     _write_alias(storage, name, alias, stack[-2], history, "rollback")
     return stack[-2]
-
-
-def alias_history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
-    return _history(storage, name, alias)
 
 
 def aliases(storage: Storage, name: str) -> dict[str, int]:

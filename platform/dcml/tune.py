@@ -73,9 +73,9 @@ def concurrency(cfg: PipelineConfig) -> int:
     t = cfg.tune
     res = ray.cluster_resources()
     cpus = res.get("CPU", 0)
-    per_trial = t.workers_per_trial * cfg.train.cpus_per_worker + TRIAL_CPU
-    if inline(cfg):  # the trial trains in its own process
-        per_trial = cfg.train.cpus_per_worker
+    per_trial = cfg.train.cpus_per_worker  # an inline trial trains in its own process
+    if not inline(cfg):  # Train workers hold the CPUs; the trial only waits on them
+        per_trial = t.workers_per_trial * cfg.train.cpus_per_worker + TRIAL_CPU
     budget = t.max_cpus if t.max_cpus is not None else (cpus - 1 if cpus > 2 else cpus)
     n = math.floor(budget / per_trial + 1e-9)
     if cfg.train.use_gpu:
