@@ -6,7 +6,8 @@ plain PyTorch script, in the same run.
 Both HTTP servers wrap the same registered model version (breast-cancer data, an MLP trained for a
 few epochs) through the same `Predictor`:
 
-* dcml: `dcml.serving` on Ray Serve (1 replica, dynamic batching, request schema validation);
+* dcml: `dcml.serving` on Ray Serve (1 replica, dynamic batching, request schema validation),
+  behind HAProxy (`--ingress haproxy`, the default) or Serve's Python proxy (`--ingress proxy`);
 * plain: FastAPI + uvicorn in one process, `POST /predict` calling `Predictor.predict_records` on
   the JSON body, no validation, no batching.
 
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="per cell (0: skip HTTP)")
     ap.add_argument("--rows", type=int, default=1_000_000, help="batch inference rows (0: skip)")
     ap.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_s")
+    ap.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy")
     args = ap.parse_args()
 
     import socket
@@ -124,6 +126,7 @@ def main() -> None:
     cfg = parse_config(
         {
             "name": "bc",
+            "cluster": {"serve_ingress": args.ingress},
             "storage": {"root": str(tmp / "store")},
             "train": {"workers": 1, "epochs": 3},
             "serve": {
@@ -156,7 +159,7 @@ def main() -> None:
             wait_up(f"http://127.0.0.1:{plain_port}/docs")
             wait_up(f"{served}/healthz")
             urls = {"dcml": f"{served}/predict", "plain": f"http://127.0.0.1:{plain_port}/predict"}
-            print(f"model {mv.ref}; {args.requests} requests per cell")
+            print(f"model {mv.ref}; ingress {args.ingress}; {args.requests} requests per cell")
             print("| payload | concurrency | server | requests/s | p50 ms | p99 ms |")
             print("| --- | ---: | --- | ---: | ---: | ---: |")
             ratios = []

@@ -36,6 +36,12 @@ class ClusterConfig(_Section):
         None, ge=1, description="CPUs for the embedded local Ray; None uses all cores."
     )
     quiet: bool = Field(True, description="Hide Ray's own logs; show only dcml's progress.")
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="HTTP ingress of a Ray that dcml starts: 'haproxy' (HAProxy routes straight "
+        "to the replicas, Serve's throughput-optimized mode) or 'proxy' (Serve's Python proxy). "
+        "A joined cluster keeps its own: set RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.",
+    )
 
 
 class StorageConfig(_Section):
@@ -393,7 +399,10 @@ class ServeConfig(_Section):
         256, ge=1, description="Dynamic batching: most records predicted in one call."
     )
     batch_wait_s: float = Field(
-        0.002, ge=0, description="Dynamic batching: longest wait for more requests to batch."
+        0.0,
+        ge=0,
+        description="Dynamic batching: longest wait for more requests to batch (0: batch the "
+        "requests that queued while the last batch ran, adding no latency).",
     )
     reload_s: float = Field(
         5.0,

@@ -36,7 +36,7 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(0.5, gt=0)
     use_gpu: bool = False
     max_batch_size: int = Field(256, ge=1)
-    batch_wait_s: float = Field(0.002, ge=0)
+    batch_wait_s: float = Field(0.0, ge=0)
     reload_s: float = Field(5.0, ge=0)
     unknown_categories: Literal["bucket", "reject"] = "bucket"
     max_request_bytes: int = Field(1_000_000, ge=1024)
@@ -140,7 +140,9 @@ def build_http_app(
     app = FastAPI(title="dcml model server", version=str(source.predictor.meta.get("version")))
     _, _, alias = model_ref.partition("@")
 
-    def check_token(request: Request) -> None:
+    # Everything on the request path is async: FastAPI runs a sync endpoint or dependency in a
+    # worker thread, and that hop was ~8% of a replica's CPU per request.
+    async def check_token(request: Request) -> None:
         if auth_token is None:
             return
         given = request.headers.get("authorization", "")
@@ -164,15 +166,15 @@ def build_http_app(
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> dict:
+    async def readyz() -> dict:
         return {"status": "ready", "model_version": source.predictor.version}
 
     @app.get("/metadata", dependencies=[Depends(check_token)])
-    def metadata() -> dict:
+    async def metadata() -> dict:
         predictor = source.predictor
         m = predictor.meta
         return {
@@ -255,7 +257,7 @@ class ModelServer:
             self.switch()
 
     @serve.batch(
-        max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=lambda b: sum(map(len, b))
+        max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=lambda b: sum(map(len, b))
     )
     async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[list[dict]]:
         """Requests' records predicted together in one vectorised call, then split back."""
