@@ -1,6 +1,8 @@
 """The whole pipeline end to end on a real local Ray: Data, Train (DDP), Tune, registry, Serve over
 real HTTP, batch inference, and the stage verbs of the `dcml` CLI run alone against its storage."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +16,7 @@ from dcml.predictor import Predictor
 from dcml.storage import Storage
 
 from .conftest import make_config
+from .test_report import images, needs_chromium, render
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -42,6 +45,37 @@ def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):
     assert (meta["model"], meta["version"], meta["ref"]) == ("bc", 1, "bc@production")
     assert meta["lineage"]["dataset"] == result.dataset.ref
     assert requests.get(f"{result.url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
+    cfg, result, lines = pipeline
+    report = Path(result.report)
+    assert report.name == "report.html" and report.parent.parent == Path(cfg.storage.root, "runs")
+    assert f"report   {result.report}" in "\n".join(lines)
+    page = report.read_text()
+    sweep_id = next(p.name for p in report.parent.parent.glob("sweep-*"))
+    for expected in (
+        result.dataset.ref,
+        'Validation gate: <span class="pass">passed',
+        "History (per epoch)",
+        sweep_id,
+        result.model.ref,
+        f"{result.url}/predict",
+    ):
+        assert expected in page, expected
+    # learning curves, ROC curve, confusion matrix, and the sweep's two plots
+    assert len(images(page)) == 5
+    run_id = report.parent.name
+    assert main(["report", run_id, "--set", f"storage.root={cfg.storage.root}"]) == 0
+    assert capsys.readouterr().out.strip() == result.report
+
+
+@needs_chromium
+def test_the_report_renders_in_chromium_with_its_images(pipeline, tmp_path):
+    _, result, _ = pipeline
+    seen = render(Path(result.report), tmp_path)
+    assert seen["images"] == 5 and seen["decoded"] == 5, seen
+    assert seen["sections"] == 6, seen
 
 
 def test_served_predictions_equal_the_offline_predictor(pipeline):

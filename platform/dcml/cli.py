@@ -179,6 +179,29 @@ def submit(
     typer.echo(f"follow it: ray job logs --follow {job_id} --address {address}")
 
 
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="The pipeline run's training run id."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Print the URI of a pipeline run's HTML report (runs/RUN_ID/report.html)."""
+    from dcml.report import report_path
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    path = report_path(storage, run_id)
+    if not storage.exists(path):
+        where = storage.uri("runs")
+        if not storage.exists(storage.path("runs", run_id)):
+            raise LookupError(f"no run {run_id!r} under {where}")
+        raise LookupError(
+            f"run {run_id!r} has no report.html under {where}: reports are written by `dcml run` "
+            "(the whole pipeline), for its training run"
+        )
+    typer.echo(storage.to_uri(path))
+
+
 @models_app.command("list")
 def models_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     """Registered models, their versions and aliases."""

@@ -25,6 +25,7 @@ from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, resolve_dataset
 from dcml.predictor import Predictor
+from dcml.report import write_report
 from dcml.storage import Storage
 from dcml.train.loop import META
 from dcml.train.metrics import task_metrics
@@ -233,6 +234,7 @@ class PipelineResult:
     url: str
     served_metrics: dict[str, float]
     demo: list[dict[str, Any]] = field(default_factory=list)
+    report: str = ""  # URI of runs/<run_id>/report.html
 
 
 def query_served_model(
@@ -323,12 +325,23 @@ def run_pipeline(
         f"served model on the test split ({len(answered)} rows over HTTP): "
         + format_metrics(metrics)
     )
-    result = PipelineResult(dataset, model, url, metrics, shown)
+    report = write_report(
+        storage,
+        trained.run_id,
+        dataset=dataset,
+        sweep_id=swept.sweep_id if cfg.tune.enabled else None,
+        model=model,
+        served=served,
+        url=url,
+        served_metrics=metrics,
+    )
+    result = PipelineResult(dataset, model, url, metrics, shown, report)
     log(
         "outputs:\n"
         f"  dataset  {storage.to_uri(dataset.path)}\n"
         f"  runs     {storage.uri('runs')}\n"
-        f"  model    {storage.to_uri(model.path)}"
+        f"  model    {storage.to_uri(model.path)}\n"
+        f"  report   {report}"
     )
     if not keep_serving:
         serve.delete(cfg.serve.app_name)
