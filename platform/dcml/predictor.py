@@ -86,9 +86,10 @@ class Predictor:
         return rows
 
     def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        columns: dict[str, Any] = {  # None (missing) becomes NaN, imputed by the preprocessor
-            c: np.array([r[c] for r in records], dtype=np.float64)
-            for c in self.preprocessor.numeric
-        }
+        numeric = self.preprocessor.numeric
+        # one array for all numeric columns; None (missing) becomes NaN, imputed by the preprocessor
+        matrix = np.array([[r[c] for c in numeric] for r in records], dtype=np.float64)
+        matrix = matrix.reshape(len(records), len(numeric))
+        columns: dict[str, Any] = {c: matrix[:, j] for j, c in enumerate(numeric)}
         columns.update({c: [r[c] for r in records] for c in self.preprocessor.categorical})
         return self.answer(self.predict_columns(columns))

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ class Preprocessor:
         """The raw columns a request or batch must hold."""
         return [*self.numeric, *self.categorical]
 
-    @property
+    @cached_property
     def output_features(self) -> list[str]:
         """The columns `transform` produces, in order: what the model reads."""
         out = list(self.numeric)
@@ -52,6 +53,18 @@ class Preprocessor:
             else:
                 out.append(c)
         return out
+
+    @cached_property
+    def _numeric_state(self) -> tuple[np.ndarray, ...]:
+        """fill (NaN: none), clip low and high (infinite: none), center and scale as vectors over
+        the numeric columns, so `transform` handles them in a few array operations, not a few per
+        column (a one-record request took ~0.35 ms in the per-column loop)."""
+        c = self.numeric
+        fill = [np.nan if self.fill[k] is None else self.fill[k] for k in c]
+        low = [self.clip[k][0] if k in self.clip else -np.inf for k in c]
+        high = [self.clip[k][1] if k in self.clip else np.inf for k in c]
+        vectors = fill, low, high, [self.center[k] for k in c], [self.scale[k] for k in c]
+        return tuple(np.array(v, dtype=np.float64) for v in vectors)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,14 +82,11 @@ class Preprocessor:
         """Raw columns (NumPy or Arrow arrays, by name) -> float32 (rows, output features)."""
         n = len(columns[self.inputs[0]])
         out = np.zeros((n, len(self.output_features)), dtype=np.float32)
-        for j, name in enumerate(self.numeric):
-            v = as_float(columns[name])
-            fill = self.fill[name]
-            if fill is not None:
-                v = np.where(np.isnan(v), fill, v)
-            if name in self.clip:
-                v = np.clip(v, *self.clip[name])
-            out[:, j] = (v - self.center[name]) / self.scale[name]
+        if self.numeric:
+            fill, low, high, center, scale = self._numeric_state
+            v = numeric_matrix(columns, self.numeric)
+            v = np.clip(np.where(np.isnan(v), fill, v), low, high)
+            out[:, : len(self.numeric)] = (v - center) / scale
         j = len(self.numeric)
         for name in self.categorical:
             cats = self.categories[name]
@@ -89,6 +99,11 @@ class Preprocessor:
                 out[:, j] = np.where(idx == len(cats), 0, idx + 1)
                 j += 1
         return out
+
+
+def numeric_matrix(columns: Mapping[str, Any], names: list[str]) -> np.ndarray:
+    """The named columns as float64 (rows, len(names)); missing values are NaN."""
+    return np.column_stack([as_float(columns[name]) for name in names])
 
 
 def as_float(values: Any) -> np.ndarray:

@@ -210,7 +210,8 @@ def _step(model, optimizer, options: StepOptions, scaler) -> None:
 @torch.no_grad()
 def raw_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
     """The model's outputs (logits, values) in float32, in eval mode."""
-    model.eval()
+    if model.training:  # eval() walks every module: a served model is in eval mode already
+        model.eval()
     outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, device=x.device)
 
