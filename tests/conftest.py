@@ -5,9 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 from dcml.config import PipelineConfig, parse_config
 
@@ -82,3 +85,31 @@ def start_dcml(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+@contextmanager
+def moto_s3(bucket: str):
+    """An S3 API server on loopback (moto's server mode) with `bucket`; yields fsspec options."""
+    from dcml.storage import Storage
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        options = {"key": "testing", "secret": "testing", "endpoint_url": url}
+        Storage(f"s3://{bucket}", options).fs.mkdir(bucket)
+        yield options
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,98 +1,62 @@
 """Ray jobs for real: a `ray start --head` cluster on loopback, stages submitted with the `ray job
 submit` CLI and with `dcml submit`, followed with `ray job logs`, outputs checked in storage."""
 
+import csv
+import io
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import requests
+from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .conftest import REPO, free_port
+from dcml.jobs import submit, submit_entrypoint
+from dcml.storage import Storage
+
+from .conftest import REPO, moto_s3
+from .ray_nodes import BIN, ENV, Head, Worker, wait_for_nodes
 
 # with the session's Ray running beside the head, as in the full suite (they must not collide)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
-BIN = Path(sys.executable).parent
-# a local test cluster: no token (a real cluster keeps Ray's token auth)
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two nodes on loopback: a head and a worker node, one CPU each, so that work spreads."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    head = Head(tmp, num_cpus=1)
+    nodes: list = [head]
+    try:
+        nodes.append(Worker(tmp, head, num_cpus=1, name="worker-1"))
+        wait_for_nodes(head, 2)
+        # the dashboard answers before the head's job agent runs: wait until a job goes through
+        client = JobSubmissionClient(head.address)
+        wait_job(client, submit_entrypoint(client, "python -c pass", {}, wait_s=120), 240)
+        yield SimpleNamespace(head=head, nodes=nodes, tmp=tmp, client=client)
+    finally:
+        for node in reversed(nodes):
+            node.stop()
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head --block` in a process group of its own; yields the dashboard address."""
-    dash, port = free_port(), free_port()
-    tmp = tmp_path_factory.mktemp("head")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            # the session's Ray already holds the agents' default ports (52365, ...)
-            *(
-                f"--{name}={free_port()}"
-                for name in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "metrics-export-port",
-                    "runtime-env-agent-port",
-                    "ray-client-server-port",
-                    "node-manager-port",
-                    "object-manager-port",
-                )
-            ),
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=2",
-            "--object-store-memory=300000000",
-            "--disable-usage-stats",
-        ],
-        stdout=open(tmp / "head.log", "w"),
-        stderr=subprocess.STDOUT,
-        env=ENV,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (tmp / "head.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{address}/api/version", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, "the head's dashboard did not come up"
-            time.sleep(0.5)
-        # the dashboard answers before the head's job agent runs: wait until a job goes through
-        from ray.job_submission import JobStatus, JobSubmissionClient
+def head(cluster) -> str:
+    return cluster.head.address
 
-        from dcml.jobs import submit_entrypoint
 
-        client = JobSubmissionClient(address)
-        job = submit_entrypoint(client, "python -c pass", {}, wait_s=120)
-        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-            assert time.time() < deadline + 120, "the head ran no job"
-            time.sleep(0.5)
-        yield address
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the head and every process it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # `ray start` noted this cluster as the machine's current one: forget it, it is gone
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+def wait_job(client, job: str, timeout: float = 600) -> tuple[JobStatus, str]:
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job)) not in (
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    ):
+        assert time.time() < deadline, f"{job} {status}: {client.get_job_logs(job)[-3000:]}"
+        time.sleep(1)
+    return status, client.get_job_logs(job)
 
 
 def ray_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -140,30 +104,112 @@ def test_ray_job_submit_runs_a_stage_with_dcml_shipped_in_the_runtime_env(head, 
     assert manifest["rows"]["train"] > 300
 
 
-def test_dcml_submit_prints_the_job_and_how_to_follow_it(head, tmp_path):
+@pytest.fixture(scope="module")
+def s3_store():
+    """Storage on an S3 API server (moto), so no node relies on another's disk: `--set` flags."""
+    with moto_s3("dcml-cluster") as options:
+        flow = "{" + ", ".join(f"{k}: '{v}'" for k, v in options.items()) + "}"
+        root = "s3://dcml-cluster/store"
+        overrides = [f"storage.root={root}", f"storage.storage_options={flow}"]
+        yield SimpleNamespace(storage=Storage(root, options), overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(cluster, s3_store):
+    """The preprocess stage submitted with `dcml submit`, storage on S3: its job id."""
     from dcml.cli import main
 
-    store = tmp_path / "store"
-    args = ["submit", "configs/breast_cancer.yaml", "--stage", "preprocess", "--address", head]
+    args = ["submit", "configs/breast_cancer.yaml", "--stage", "preprocess"]
+    args += ["--address", cluster.head.address]
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        assert main([*args, "--set", f"storage.root={store}"]) == 0
         assert main([*args, "--set", "data.sorce=x"]) == 2  # a bad config fails before submitting
+        assert main([*args, *(f for o in s3_store.overrides for f in ("--set", o))]) == 0
     finally:
         os.chdir(cwd)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(head)
     [job] = [
         j
-        for j in client.list_jobs()
-        if "jobs/preprocess.py" in j.entrypoint and str(store) in j.entrypoint
+        for j in cluster.client.list_jobs()
+        if "jobs/preprocess.py" in j.entrypoint and "s3://dcml-cluster" in j.entrypoint
     ]
-    deadline = time.time() + 600
-    while client.get_job_status(job.submission_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        assert time.time() < deadline
-        time.sleep(1)
-    logs = client.get_job_logs(job.submission_id)
-    assert client.get_job_status(job.submission_id) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert list((store / "datasets" / "breast_cancer").glob("*/_manifest.json"))
+    status, logs = wait_job(cluster.client, job.submission_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return job.submission_id
+
+
+def test_dcml_submit_runs_preprocessing_on_both_nodes_with_storage_on_s3(
+    cluster, s3_store, s3_dataset
+):
+    assert len(nodes_of(cluster, s3_dataset, "task")) == 2, "the Ray Data tasks ran on one node"
+    versions = s3_store.storage.ls(s3_store.storage.path("datasets", "breast_cancer"))
+    assert any(
+        s3_store.storage.exists(
+            s3_store.storage.path("datasets", "breast_cancer", v, "_manifest.json")
+        )
+        for v in versions
+    )
+
+
+# two DDP workers of one CPU each: one on each node
+TRAIN = ["train.workers=2", "train.cpus_per_worker=1"]
+
+
+def submit_stage(cluster, stage: str, overrides: list[str], run_id: str | None = None) -> str:
+    return submit(cluster.head.address, stage, "configs/breast_cancer.yaml", overrides, run_id)
+
+
+def nodes_of(cluster, job: str, kind: str, name: str = "") -> set[str]:
+    """Nodes that ran a job's tasks (kind "task") or actors of a class (kind "actor")."""
+    from ray.util.state import list_actors, list_tasks
+
+    ray_job = cluster.client.get_job_info(job).job_id
+    if kind == "actor":
+        found = list_actors(
+            address=cluster.head.address,
+            filters=[("job_id", "=", ray_job), ("class_name", "=", name)],
+            detail=True,
+        )
+    else:
+        found = list_tasks(
+            address=cluster.head.address,
+            filters=[("job_id", "=", ray_job), ("type", "=", "NORMAL_TASK")],
+            detail=True,
+            limit=10_000,
+        )
+    return {x.node_id for x in found if x.node_id}
+
+
+def epochs_in_history(store, run_id: str) -> list[int]:
+    with store.storage.fs.open(store.storage.path("runs", run_id, "history.csv")) as f:
+        return [int(float(r["epoch"])) for r in csv.DictReader(io.TextIOWrapper(f))]
+
+
+def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_when_resubmitted(
+    cluster, s3_store, s3_dataset
+):
+    # max_failures=0: the job fails when its node goes (with retries, Ray Train would wait for
+    # the CPUs to come back and restart the workers from the last checkpoint by itself)
+    overrides = [*s3_store.overrides, *TRAIN, "train.epochs=12", "train.max_failures=0"]
+    job = submit_stage(cluster, "train", overrides, "lost-node")
+    deadline = time.time() + 300
+    while "epoch 3/12" not in cluster.client.get_job_logs(job):
+        assert time.time() < deadline, cluster.client.get_job_logs(job)[-3000:]
+        time.sleep(0.5)
+    assert len(nodes_of(cluster, job, "actor", "RayTrainWorker")) == 2  # one worker per node
+    lost = cluster.nodes.pop()
+    lost.stop(signal.SIGKILL)  # the machine is gone: no clean shutdown
+    status, logs = wait_job(cluster.client, job)
+    assert status == JobStatus.FAILED, logs[-3000:]
+
+    cluster.nodes.append(Worker(cluster.tmp, cluster.head, num_cpus=1, name="worker-2"))
+    wait_for_nodes(cluster.head, 2)
+    # the same submission again: the stored run goes on from its last checkpoint
+    job = submit_stage(cluster, "train", overrides, "lost-node")
+    status, logs = wait_job(cluster.client, job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "lost-node is stored: resuming it" in logs
+    assert "epoch 1/12" not in logs  # epoch 0 was not trained again
+    assert epochs_in_history(s3_store, "lost-node") == list(range(12))
+    models = s3_store.storage.path("models", "breast_cancer")
+    assert "1" in s3_store.storage.ls(models)  # registered, on S3

@@ -1,46 +1,22 @@
 """s3:// for real: an S3 API server on loopback (moto's server mode) holds shards and versions."""
 
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
-import requests
 
 from dcml.cli import main
 from dcml.data.errors import DataError
 from dcml.data.preprocess import list_versions, preprocess, read_split_numpy
 from dcml.storage import Storage
 
-from .conftest import free_port, make_config
+from .conftest import make_config, moto_s3
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
 def s3():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        options = {"key": "testing", "secret": "testing", "endpoint_url": url}
-        Storage("s3://dcml-test", options).fs.mkdir("dcml-test")
+    with moto_s3("dcml-test") as options:
         yield options
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def s3_config(options, **data):

@@ -170,13 +170,20 @@ def submit(
     set_: list[str] | None = SetOpt,
 ):
     """Submit a stage as a Ray job (dcml and the repository travel with it)."""
+    from dcml.jobs import ID_FLAGS
     from dcml.jobs import submit as submit_job
+    from dcml.train.trainer import new_run_id
 
     load_config(config, set_ or [])  # a bad config fails here, not on the cluster
     address = address or "http://127.0.0.1:8265"
+    if stage in ID_FLAGS:
+        run_id = run_id or new_run_id(stage if stage == "train" else "sweep")
     job_id = submit_job(address, stage, str(config), set_ or [], run_id)
     typer.echo(f"submitted job {job_id} to {address}")
     typer.echo(f"follow it: ray job logs --follow {job_id} --address {address}")
+    if run_id:
+        typer.echo(f"{stage} {run_id}: if the job dies, the same command with --run-id {run_id}")
+        typer.echo("resumes it from its last checkpoint")
 
 
 @app.command()

@@ -33,6 +33,9 @@ def _haproxy_env() -> None:
     (docs/benchmarks.md). Replicas bind the configured serve.host, so loopback stays loopback."""
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # A replica being removed keeps answering this long so that load balancers can notice (30 s
+    # by default, for external ones); HAProxy here is reloaded by Serve itself within 0.1 s.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # HAProxy's files default to /tmp/haproxy-serve/, which two Rays on one machine would share.
     if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in os.environ:
         return

@@ -29,7 +29,30 @@ def job_main(stage: str, argv: list[str] | None = None) -> int:
         i = args.index("--config")
         args = [*args[i + 1 : i + 2], *args[:i], *args[i + 2 :]]
     print(f"[dcml] job: {stage} with dcml from {Path(__file__).parent}", flush=True)
-    return main(["run" if stage == "pipeline" else stage, *args])
+    return main(["run" if stage == "pipeline" else stage, *resume_if_stored(stage, args)])
+
+
+ID_FLAGS = {"train": "--run-id", "tune": "--sweep-id"}
+
+
+def resume_if_stored(stage: str, args: list[str]) -> list[str]:
+    """A job resubmitted with the id of a stored run or sweep continues it (`--resume ID`): a job
+    that died with its node, or was stopped, is resubmitted unchanged."""
+    from dcml.cli import _config
+    from dcml.pipeline import RUN_JSON
+    from dcml.storage import Storage
+
+    flag = ID_FLAGS.get(stage)
+    if flag not in args:
+        return args
+    i = args.index(flag)
+    run_id = args[i + 1]
+    overrides = [args[k + 1] for k, a in enumerate(args) if a == "--set"]
+    storage = Storage.from_config(_config(Path(args[0]), overrides))
+    if not storage.exists(storage.path("runs", run_id, RUN_JSON)):
+        return args
+    print(f"[dcml] {run_id} is stored: resuming it", flush=True)
+    return [*args[:i], "--resume", run_id, *args[i + 2 :]]
 
 
 def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:
@@ -54,8 +77,8 @@ def submit(
     entry = ["python", f"jobs/{stage}.py", "--config", str(cfg_path.relative_to(REPO))]
     for o in overrides:
         entry += ["--set", o]
-    if run_id and stage in ("train", "tune"):
-        entry += ["--run-id" if stage == "train" else "--sweep-id", run_id]
+    if run_id and stage in ID_FLAGS:
+        entry += [ID_FLAGS[stage], run_id]
     return submit_entrypoint(JobSubmissionClient(address), shlex.join(entry), runtime_env())
 
 

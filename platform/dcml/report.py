@@ -13,10 +13,8 @@ import csv
 import html
 import io
 import json
-import os
 import re
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from dcml.storage import Storage
@@ -100,7 +98,7 @@ def write_report(
         + "\n</body>\n</html>\n"
     )
     path = report_path(storage, run_id)
-    _write_text(storage, path, page)
+    storage.write_text(path, page)
     return storage.to_uri(path)
 
 
@@ -389,19 +387,3 @@ def _parse(text: str) -> Any:
     if not NUMBER.fullmatch(text or ""):
         return text
     return int(text) if text.lstrip("-").isdigit() else float(text)
-
-
-def _write_text(storage: Storage, path: str, text: str) -> None:
-    """Write so that readers see the old file or the new one, never a part (as `write_json`)."""
-    data = text.encode("utf-8")
-    if storage.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with storage.fs.open(path, "wb") as f:  # one PUT: atomic on object stores
-            f.write(data)

@@ -63,18 +63,20 @@ class Storage:
             return json.load(f)
 
     def write_json(self, path: str, obj: Any) -> None:
-        """Write JSON so that readers see the old file or the new one, never a part."""
-        text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+        self.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write so that readers see the old file or the new one, never a part."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "w") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            with self.fs.open(path, "w") as f:  # one PUT: atomic on object stores
+            with self.fs.open(path, "w", encoding="utf-8") as f:  # one PUT: atomic on object stores
                 f.write(text)
 
     def tmp_dir(self, parent: str) -> str:
