@@ -230,7 +230,9 @@ def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
     _, url, _, rows, _ = served
 
     def replicas() -> list:
-        found = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        # this session's Ray: without an address the state API picks the newest Ray on the machine
+        here = ray.get_runtime_context().gcs_address
+        found = list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=1000)
         return [a for a in found if "ModelServer" in (a.class_name or "")]
 
     before = replicas()
