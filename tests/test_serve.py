@@ -1,5 +1,6 @@
-"""Ray Serve over real HTTP: batching, a corpus of bad requests, property-based requests from the
-OpenAPI schema, an alias switch under load and a replica killed under load."""
+"""Ray Serve over real HTTP: batching (by record count, up to max_batch_size), a corpus of bad
+requests, property-based requests from the OpenAPI schema, an alias switch under load and a replica
+killed under load."""
 
 import json
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from ray import serve
 from dcml import registry
 from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
-from dcml.serving import deploy
+from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy
 from dcml.storage import Storage
 
 from .conftest import make_config, preprocessed
@@ -62,6 +65,19 @@ def post(url: str, body, **kw) -> requests.Response:
     return requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=30, **kw)
 
 
+@contextmanager
+def extra_app(url: str, name: str, args: dict) -> Iterator[str]:
+    """Another application beside `served`'s, at /NAME (one small replica unless `args` say
+    otherwise): its URL. Deleted without waiting: behind HAProxy a replica drains for 30 s before it
+    stops, and the module's `serve.shutdown` waits for that once, for every app at the same time."""
+    defaults = {"num_cpus": 0.1, "reload_s": 0, "auth_token": TOKEN}
+    serve.run(app_builder({**defaults, **args}), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{url}/{name}"
+    finally:
+        serve.delete(name, _blocking=False)
+
+
 def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served):
     _, url, storage, rows, (v1, _) = served
     offline = Predictor.from_storage(storage, v1.path).predict_records(rows)
@@ -82,6 +98,40 @@ def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served)
     assert meta["metrics"]["test_roc_auc"] > 0.9
     assert requests.get(f"{url}/readyz", timeout=10).json()["model_version"] == "bc@1"
     assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/predict"]
+
+
+def test_requests_are_merged_by_record_count_up_to_max_batch_size(served):
+    """x-dcml-batch-size is the records predicted in the call that answered a request: concurrent
+    requests of 1 to 3 records merge into batches of at most max_batch_size records, and a request
+    larger than that alone is still answered (in slices of max_batch_size records)."""
+    _, url, storage, rows, (v1, _) = served
+    offline = Predictor.from_storage(storage, v1.path).predict_records(rows)
+    spans = [(i, i + 1 + i % 3) for i in range(30)]  # requests of 1, 2 and 3 records
+    args = {
+        "model": "bc@1",
+        "storage_root": storage.uri(),
+        "max_batch_size": 8,
+        "batch_wait_s": 0.5,
+    }
+    with extra_app(url, "batch8", args) as app:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda s: post(app, rows[s[0] : s[1]]), spans))
+        big = post(app, rows[:20])
+    assert [r.status_code for r in answers] == [200] * len(spans), [r.text[:200] for r in answers]
+    for (start, end), r in zip(spans, answers):
+        got = [p["probability"] for p in r.json()["predictions"]]
+        assert got == pytest.approx([o["probability"] for o in offline[start:end]], rel=1e-6)
+    sizes = [int(r.headers[BATCH_SIZE_HEADER]) for r in answers]
+    print(f"batch sizes (records) of the answers: {sorted(Counter(sizes).items())}")
+    assert all(end - start <= size <= 8 for (start, end), size in zip(spans, sizes)), sizes
+    merged = [size > end - start for (start, end), size in zip(spans, sizes)]
+    assert any(merged), f"no request was batched with another: {sizes}"
+    # 20 records > max_batch_size: answered whole, by calls of at most 8 records
+    assert big.status_code == 200, big.text[:300]
+    assert [p["probability"] for p in big.json()["predictions"]] == pytest.approx(
+        [o["probability"] for o in offline[:20]], rel=1e-6
+    )
+    assert int(big.headers[BATCH_SIZE_HEADER]) == 8
 
 
 def bad_requests(good: dict, limit: int) -> dict[str, tuple[dict, int]]:
@@ -227,13 +277,14 @@ def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
     import ray
     from ray.util.state import list_actors
 
-    _, url, _, rows, _ = served
+    cfg, url, _, rows, _ = served
+    ours = f"ServeReplica:{cfg.serve.app_name}:ModelServer"  # not other tests' (draining) apps
 
     def replicas() -> list:
         # this session's Ray: without an address the state API picks the newest Ray on the machine
         here = ray.get_runtime_context().gcs_address
         found = list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=1000)
-        return [a for a in found if "ModelServer" in (a.class_name or "")]
+        return [a for a in found if a.class_name == ours]
 
     before = replicas()
     assert len(before) == 2
