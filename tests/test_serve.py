@@ -1,6 +1,6 @@
 """Ray Serve over real HTTP: batching (by record count, up to max_batch_size), a corpus of bad
-requests, property-based requests from the OpenAPI schema, an alias switch under load and a replica
-killed under load."""
+requests, unknown categories, property-based requests from the OpenAPI schema, an alias switch under
+load and a replica killed under load."""
 
 import json
 import subprocess
@@ -183,6 +183,62 @@ def test_a_corpus_of_bad_requests_gets_4xx_and_the_server_keeps_answering(served
             assert next(iter(good)) in {d["field"] for d in r.json()["detail"]}, (name, r.text)
         assert post(url, good).status_code == 200, f"server broken after {name}"
     assert requests.get(f"{url}/metadata", timeout=10).status_code == 401
+
+
+def register_categorical_model(storage: Storage, folder: Path) -> str:
+    """An untrained model over `x` and `color` (categories seen in training: blue, red) registered
+    as cat@1: what is tested here is the request schema, not the model."""
+    from dcml.data.transforms import Preprocessor
+    from dcml.train.loop import make_optimizer, save_checkpoint
+    from dcml.train.model import build_model
+
+    pre = Preprocessor(
+        numeric=["x"],
+        categorical=["color"],
+        fill={"x": 0.0},
+        clip={},
+        center={"x": 0.0},
+        scale={"x": 1.0},
+        categories={"color": ["blue", "red"]},
+    )
+    spec = {
+        "kind": "mlp",
+        "n_features": len(pre.output_features),
+        "n_outputs": 1,
+        "depth": 0,
+        "width": 1,
+        "activation": "relu",
+        "dropout": 0.0,
+    }
+    model = build_model(spec)
+    save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
+    meta = {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}
+    return registry.register(storage, "cat", str(folder), meta).ref
+
+
+def test_unknown_categories_reject_is_a_422_naming_the_column_and_bucket_answers(served, tmp_path):
+    _, url, _, _, _ = served
+    storage = Storage(str(tmp_path / "store"))
+    ref = register_categorical_model(storage, tmp_path / "checkpoint")
+    seen, unseen = {"x": 1.0, "color": "red"}, {"x": 1.0, "color": "mauve"}
+    args = {"model": ref, "storage_root": storage.uri()}
+    with (
+        extra_app(url, "strict", {**args, "unknown_categories": "reject"}) as strict,
+        extra_app(url, "lenient", args) as lenient,  # the default: bucket
+    ):
+        assert post(strict, seen).status_code == 200
+        r = post(strict, unseen)
+        assert r.status_code == 422, r.text[:300]
+        first = r.json()["detail"][0]  # (then: "body is not a list")
+        assert first["field"] == "color" and "'blue' or 'red'" in first["msg"], r.text[:300]
+        r = post(strict, [seen, unseen])  # in a list: the record is named too
+        assert r.status_code == 422 and "1.color" in {d["field"] for d in r.json()["detail"]}
+
+        answers = post(lenient, [seen, unseen, {"x": 1.0, "color": "teal"}])
+        assert answers.status_code == 200, answers.text[:300]
+        red, mauve, teal = answers.json()["predictions"]
+        assert mauve == teal  # both unseen: the same unknown bucket
+        assert {red["label"], mauve["label"]} <= {"no", "yes"}
 
 
 def test_property_based_requests_from_the_openapi_schema_find_no_5xx(served, tmp_path):
