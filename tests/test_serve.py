@@ -1,6 +1,6 @@
 """Ray Serve over real HTTP: batching (by record count, up to max_batch_size), a corpus of bad
 requests, unknown categories, property-based requests from the OpenAPI schema, an alias switch under
-load and a replica killed under load."""
+load, a replica killed under load, and autoscaling up and down under load."""
 
 import json
 import subprocess
@@ -20,7 +20,7 @@ from ray import serve
 from dcml import registry
 from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
-from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy
+from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy, serve_args
 from dcml.storage import Storage
 
 from .conftest import make_config, preprocessed
@@ -307,10 +307,10 @@ class Load:
             t.join()
 
 
-def wait_for(condition, timeout: float = 60) -> None:
+def wait_for(condition, timeout: float = 60, what: str = "") -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, "timed out"
+        assert time.time() < deadline, f"timed out after {timeout} s {what}".strip()
         time.sleep(0.1)
 
 
@@ -361,6 +361,45 @@ def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
     print(f"replica killed under load: {failed} of {total} requests failed ({dict(load.statuses)})")
     assert failed < total / 2, load.errors[:3]
     assert post(url, rows[0]).status_code == 200
+
+
+def running_replicas(app: str) -> int:
+    deployment = serve.status().applications[app].deployments["ModelServer"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    """serve.autoscaling from min 1 to max 2 replicas, aiming at 2 requests in flight each (each
+    request waits batch_wait_s in its replica): 6 requests in flight start a second replica; one
+    at a time, one replica is stopped again; no request fails meanwhile."""
+    _, url, storage, rows, _ = served
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
+    args = serve_args(make_config(Path(storage.root), serve={"autoscaling": auto}), "bc@1")
+    # Ray's defaults wait 30 s to scale up and 600 s to scale down, on 10 s metric pushes
+    args["autoscaling"] |= {
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 2,
+    }
+    args |= {"num_cpus": 0.1, "batch_wait_s": 0.2}
+    with extra_app(url, "auto", args) as app:
+        assert running_replicas("auto") == 1
+        start = time.time()
+        with Load(app, rows[0], threads=6) as heavy:
+            wait_for(lambda: running_replicas("auto") == 2, 90, "for a second replica")
+            up = time.time() - start
+            n = heavy.statuses[200]
+            wait_for(lambda: heavy.statuses[200] > n + 30)
+        assert set(heavy.statuses) == {200}, (heavy.statuses, heavy.errors[:3])
+        start = time.time()
+        with Load(app, rows[0], threads=1) as light:  # at most 1 request in flight: 1 replica
+            wait_for(lambda: running_replicas("auto") == 1, 30, "for a replica to stop")
+            down = time.time() - start
+            n = light.statuses[200]
+            wait_for(lambda: light.statuses[200] > n + 10)
+        assert set(light.statuses) == {200}, (light.statuses, light.errors[:3])
+        print(f"autoscaling: 2 replicas after {up:.1f} s of load, 1 after {down:.1f} s of less")
 
 
 def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served):
