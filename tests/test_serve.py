@@ -1,5 +1,6 @@
-"""Ray Serve over real HTTP: batching, a corpus of bad requests, property-based requests from the
-OpenAPI schema, an alias switch under load and a replica killed under load."""
+"""Ray Serve over real HTTP: batching (by record count, up to max_batch_size), a corpus of bad
+requests, unknown categories, property-based requests from the OpenAPI schema, an alias switch under
+load, a replica killed under load, and autoscaling up and down under load."""
 
 import json
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from ray import serve
 from dcml import registry
 from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
-from dcml.serving import deploy
+from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy, serve_args
 from dcml.storage import Storage
 
 from .conftest import make_config, preprocessed
@@ -62,6 +65,19 @@ def post(url: str, body, **kw) -> requests.Response:
     return requests.post(f"{url}/predict", json=body, headers=AUTH, timeout=30, **kw)
 
 
+@contextmanager
+def extra_app(url: str, name: str, args: dict) -> Iterator[str]:
+    """Another application beside `served`'s, at /NAME (one small replica unless `args` say
+    otherwise): its URL. Deleted without waiting: behind HAProxy a replica drains for 30 s before it
+    stops, and the module's `serve.shutdown` waits for that once, for every app at the same time."""
+    defaults = {"num_cpus": 0.1, "reload_s": 0, "auth_token": TOKEN}
+    serve.run(app_builder({**defaults, **args}), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{url}/{name}"
+    finally:
+        serve.delete(name, _blocking=False)
+
+
 def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served):
     _, url, storage, rows, (v1, _) = served
     offline = Predictor.from_storage(storage, v1.path).predict_records(rows)
@@ -82,6 +98,40 @@ def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served)
     assert meta["metrics"]["test_roc_auc"] > 0.9
     assert requests.get(f"{url}/readyz", timeout=10).json()["model_version"] == "bc@1"
     assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/predict"]
+
+
+def test_requests_are_merged_by_record_count_up_to_max_batch_size(served):
+    """x-dcml-batch-size is the records predicted in the call that answered a request: concurrent
+    requests of 1 to 3 records merge into batches of at most max_batch_size records, and a request
+    larger than that alone is still answered (in slices of max_batch_size records)."""
+    _, url, storage, rows, (v1, _) = served
+    offline = Predictor.from_storage(storage, v1.path).predict_records(rows)
+    spans = [(i, i + 1 + i % 3) for i in range(30)]  # requests of 1, 2 and 3 records
+    args = {
+        "model": "bc@1",
+        "storage_root": storage.uri(),
+        "max_batch_size": 8,
+        "batch_wait_s": 0.5,
+    }
+    with extra_app(url, "batch8", args) as app:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda s: post(app, rows[s[0] : s[1]]), spans))
+        big = post(app, rows[:20])
+    assert [r.status_code for r in answers] == [200] * len(spans), [r.text[:200] for r in answers]
+    for (start, end), r in zip(spans, answers):
+        got = [p["probability"] for p in r.json()["predictions"]]
+        assert got == pytest.approx([o["probability"] for o in offline[start:end]], rel=1e-6)
+    sizes = [int(r.headers[BATCH_SIZE_HEADER]) for r in answers]
+    print(f"batch sizes (records) of the answers: {sorted(Counter(sizes).items())}")
+    assert all(end - start <= size <= 8 for (start, end), size in zip(spans, sizes)), sizes
+    merged = [size > end - start for (start, end), size in zip(spans, sizes)]
+    assert any(merged), f"no request was batched with another: {sizes}"
+    # 20 records > max_batch_size: answered whole, by calls of at most 8 records
+    assert big.status_code == 200, big.text[:300]
+    assert [p["probability"] for p in big.json()["predictions"]] == pytest.approx(
+        [o["probability"] for o in offline[:20]], rel=1e-6
+    )
+    assert int(big.headers[BATCH_SIZE_HEADER]) == 8
 
 
 def bad_requests(good: dict, limit: int) -> dict[str, tuple[dict, int]]:
@@ -133,6 +183,62 @@ def test_a_corpus_of_bad_requests_gets_4xx_and_the_server_keeps_answering(served
             assert next(iter(good)) in {d["field"] for d in r.json()["detail"]}, (name, r.text)
         assert post(url, good).status_code == 200, f"server broken after {name}"
     assert requests.get(f"{url}/metadata", timeout=10).status_code == 401
+
+
+def register_categorical_model(storage: Storage, folder: Path) -> str:
+    """An untrained model over `x` and `color` (categories seen in training: blue, red) registered
+    as cat@1: what is tested here is the request schema, not the model."""
+    from dcml.data.transforms import Preprocessor
+    from dcml.train.loop import make_optimizer, save_checkpoint
+    from dcml.train.model import build_model
+
+    pre = Preprocessor(
+        numeric=["x"],
+        categorical=["color"],
+        fill={"x": 0.0},
+        clip={},
+        center={"x": 0.0},
+        scale={"x": 1.0},
+        categories={"color": ["blue", "red"]},
+    )
+    spec = {
+        "kind": "mlp",
+        "n_features": len(pre.output_features),
+        "n_outputs": 1,
+        "depth": 0,
+        "width": 1,
+        "activation": "relu",
+        "dropout": 0.0,
+    }
+    model = build_model(spec)
+    save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
+    meta = {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}
+    return registry.register(storage, "cat", str(folder), meta).ref
+
+
+def test_unknown_categories_reject_is_a_422_naming_the_column_and_bucket_answers(served, tmp_path):
+    _, url, _, _, _ = served
+    storage = Storage(str(tmp_path / "store"))
+    ref = register_categorical_model(storage, tmp_path / "checkpoint")
+    seen, unseen = {"x": 1.0, "color": "red"}, {"x": 1.0, "color": "mauve"}
+    args = {"model": ref, "storage_root": storage.uri()}
+    with (
+        extra_app(url, "strict", {**args, "unknown_categories": "reject"}) as strict,
+        extra_app(url, "lenient", args) as lenient,  # the default: bucket
+    ):
+        assert post(strict, seen).status_code == 200
+        r = post(strict, unseen)
+        assert r.status_code == 422, r.text[:300]
+        first = r.json()["detail"][0]  # (then: "body is not a list")
+        assert first["field"] == "color" and "'blue' or 'red'" in first["msg"], r.text[:300]
+        r = post(strict, [seen, unseen])  # in a list: the record is named too
+        assert r.status_code == 422 and "1.color" in {d["field"] for d in r.json()["detail"]}
+
+        answers = post(lenient, [seen, unseen, {"x": 1.0, "color": "teal"}])
+        assert answers.status_code == 200, answers.text[:300]
+        red, mauve, teal = answers.json()["predictions"]
+        assert mauve == teal  # both unseen: the same unknown bucket
+        assert {red["label"], mauve["label"]} <= {"no", "yes"}
 
 
 def test_property_based_requests_from_the_openapi_schema_find_no_5xx(served, tmp_path):
@@ -201,10 +307,10 @@ class Load:
             t.join()
 
 
-def wait_for(condition, timeout: float = 60) -> None:
+def wait_for(condition, timeout: float = 60, what: str = "") -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, "timed out"
+        assert time.time() < deadline, f"timed out after {timeout} s {what}".strip()
         time.sleep(0.1)
 
 
@@ -227,11 +333,14 @@ def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
     import ray
     from ray.util.state import list_actors
 
-    _, url, _, rows, _ = served
+    cfg, url, _, rows, _ = served
+    ours = f"ServeReplica:{cfg.serve.app_name}:ModelServer"  # not other tests' (draining) apps
 
     def replicas() -> list:
-        found = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        return [a for a in found if "ModelServer" in (a.class_name or "")]
+        # this session's Ray: without an address the state API picks the newest Ray on the machine
+        here = ray.get_runtime_context().gcs_address
+        found = list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=1000)
+        return [a for a in found if a.class_name == ours]
 
     before = replicas()
     assert len(before) == 2
@@ -252,6 +361,45 @@ def test_a_killed_replica_comes_back_and_failed_requests_are_counted(served):
     print(f"replica killed under load: {failed} of {total} requests failed ({dict(load.statuses)})")
     assert failed < total / 2, load.errors[:3]
     assert post(url, rows[0]).status_code == 200
+
+
+def running_replicas(app: str) -> int:
+    deployment = serve.status().applications[app].deployments["ModelServer"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    """serve.autoscaling from min 1 to max 2 replicas, aiming at 2 requests in flight each (each
+    request waits batch_wait_s in its replica): 6 requests in flight start a second replica; one
+    at a time, one replica is stopped again; no request fails meanwhile."""
+    _, url, storage, rows, _ = served
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
+    args = serve_args(make_config(Path(storage.root), serve={"autoscaling": auto}), "bc@1")
+    # Ray's defaults wait 30 s to scale up and 600 s to scale down, on 10 s metric pushes
+    args["autoscaling"] |= {
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 2,
+    }
+    args |= {"num_cpus": 0.1, "batch_wait_s": 0.2}
+    with extra_app(url, "auto", args) as app:
+        assert running_replicas("auto") == 1
+        start = time.time()
+        with Load(app, rows[0], threads=6) as heavy:
+            wait_for(lambda: running_replicas("auto") == 2, 90, "for a second replica")
+            up = time.time() - start
+            n = heavy.statuses[200]
+            wait_for(lambda: heavy.statuses[200] > n + 30)
+        assert set(heavy.statuses) == {200}, (heavy.statuses, heavy.errors[:3])
+        start = time.time()
+        with Load(app, rows[0], threads=1) as light:  # at most 1 request in flight: 1 replica
+            wait_for(lambda: running_replicas("auto") == 1, 30, "for a replica to stop")
+            down = time.time() - start
+            n = light.statuses[200]
+            wait_for(lambda: light.statuses[200] > n + 10)
+        assert set(light.statuses) == {200}, (light.statuses, light.errors[:3])
+        print(f"autoscaling: 2 replicas after {up:.1f} s of load, 1 after {down:.1f} s of less")
 
 
 def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served):

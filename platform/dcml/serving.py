@@ -2,8 +2,10 @@
 
 `build_http_app` is plain FastAPI around a model source (testable without Ray); `ModelServer` hosts
 it in Serve replicas, each loading the model version itself, so only a reference travels. Replicas
-batch requests (`@serve.batch`) and follow their alias: when `dcml models promote` moves it, each
-replica loads the new version and swaps it in between batches, so no request fails.
+batch requests (`@serve.batch`, up to `max_batch_size` records) and follow their alias: when
+`dcml models promote` moves it, each replica loads the new version and swaps it in between batches,
+so no request fails. Every answer carries an `x-dcml-batch-size` header: the records predicted in
+the call that answered it (its own and those of the requests batched with it).
 """
 
 import hmac
@@ -14,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from ray import serve
 
@@ -22,6 +24,8 @@ from dcml.data.transforms import Preprocessor
 from dcml.predictor import Predictor
 
 log = logging.getLogger(__name__)
+
+BATCH_SIZE_HEADER = "x-dcml-batch-size"
 
 
 class ServeArgs(BaseModel):
@@ -76,8 +80,8 @@ class LocalModel:
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
 
-    async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.predictor.predict_records(rows)
+    async def predict(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        return self.predictor.predict_records(rows), len(rows)
 
 
 class BodyLimit:
@@ -131,7 +135,8 @@ def build_http_app(
     unknown_categories: str = "bucket",
 ) -> FastAPI:
     """The app around a model source: a Predictor, or anything with a current `predictor` and an
-    async `predict(rows)` (a Serve replica, which batches and may switch versions)."""
+    async `predict(rows) -> (answers, batch size)` (a Serve replica, which batches and may switch
+    versions; the batch size is the records predicted in the call that answered these rows)."""
     if isinstance(source, Predictor):
         source = LocalModel(source)
     pre = source.predictor.preprocessor
@@ -191,10 +196,14 @@ def build_http_app(
         }
 
     @app.post("/predict", dependencies=[Depends(check_token)])
-    async def predict(body: Annotated[Record | Records, Body()]) -> dict:  # type: ignore[valid-type]
+    async def predict(
+        body: Annotated[Record | Records, Body()],  # type: ignore[valid-type]
+        response: Response,
+    ) -> dict:
         records = body if isinstance(body, list) else [body]
         rows = [r.model_dump(by_alias=True) for r in records]
-        answers = await source.predict(rows)
+        answers, batch_size = await source.predict(rows)
+        response.headers[BATCH_SIZE_HEADER] = str(batch_size)
         return {"predictions": answers, "model_version": answers[0]["model_version"]}
 
     app.add_middleware(BodyLimit, limit=max_request_bytes)
@@ -259,18 +268,34 @@ class ModelServer:
     @serve.batch(
         max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=lambda b: sum(map(len, b))
     )
-    async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[list[dict]]:
-        """Requests' records predicted together in one vectorised call, then split back."""
+    async def predict_batch(
+        self, requests: list[list[dict[str, Any]]]
+    ) -> list[tuple[list[dict], int]]:
+        """Requests' records predicted together in one vectorised call, then split back; each
+        request also gets the batch's record count."""
         predictor = self.predictor
         answers = predictor.predict_records([row for rows in requests for row in rows])
         out, start = [], 0
         for rows in requests:
-            out.append(answers[start : start + len(rows)])
+            out.append((answers[start : start + len(rows)], len(answers)))
             start += len(rows)
         return out
 
-    async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self.predict_batch(rows)
+    async def predict(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Answers for a request's rows and the records predicted in the call that answered them.
+
+        Requests are batched by record count, never over `max_batch_size` records. A request of
+        more records than that (Serve's batcher would fail it: one item over the batch size) is
+        not batched with others: it is predicted alone, `max_batch_size` records per call, all by
+        the same model version."""
+        limit = self.args.max_batch_size
+        if len(rows) <= limit:
+            return await self.predict_batch(rows)
+        predictor = self.predictor
+        answers: list[dict[str, Any]] = []
+        for start in range(0, len(rows), limit):
+            answers += predictor.predict_records(rows[start : start + limit])
+        return answers, limit
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         a = self.args
