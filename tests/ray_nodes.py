@@ -56,8 +56,22 @@ class Node:
     def tail(self) -> str:
         return self.log.read_text()[-3000:]
 
+    def kill(self) -> None:
+        """The machine is gone: SIGKILL every process of the node at once. Ray starts its worker
+        processes in process groups of their own, so killing the node's group alone leaves them
+        running (and training) without their raylet."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the node's whole process group (raylet, workers, agents) and wait for it."""
+        """Signal the node's whole process group (raylet, agents) and wait for it."""
         if self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, sig)
@@ -98,6 +112,13 @@ class Head(Node):
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         super().stop(sig)
+        self._forget()
+
+    def kill(self) -> None:
+        super().kill()
+        self._forget()
+
+    def _forget(self) -> None:
         # `ray start` noted this cluster as the machine's current one: forget it, it is gone
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
@@ -123,6 +144,10 @@ class Worker(Node):
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         super().stop(sig)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        super().kill()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -1,12 +1,12 @@
-"""Ray jobs for real: a `ray start --head` cluster on loopback, stages submitted with the `ray job
-submit` CLI and with `dcml submit`, followed with `ray job logs`, outputs checked in storage."""
+"""Ray jobs on a real two-node cluster on loopback (`ray start --head` and a worker node, storage on
+an S3 API server): stages submitted with the `ray job submit` CLI and with `dcml submit`, followed
+with `ray job logs`, outputs checked in storage; a node killed mid-training, and the run resumed by
+submitting the job again."""
 
 import csv
 import io
-import json
 import os
 import re
-import signal
 import subprocess
 import time
 from types import SimpleNamespace
@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from dcml.jobs import submit, submit_entrypoint
+from dcml.cli import main
+from dcml.jobs import submit_entrypoint
 from dcml.storage import Storage
 
 from .conftest import REPO, moto_s3
@@ -39,12 +40,7 @@ def cluster(tmp_path_factory):
         yield SimpleNamespace(head=head, nodes=nodes, tmp=tmp, client=client)
     finally:
         for node in reversed(nodes):
-            node.stop()
-
-
-@pytest.fixture(scope="module")
-def head(cluster) -> str:
-    return cluster.head.address
+            node.kill()  # a clean stop takes ~25 s and there is nothing to keep
 
 
 def wait_job(client, job: str, timeout: float = 600) -> tuple[JobStatus, str]:
@@ -70,40 +66,6 @@ def ray_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-def test_ray_job_submit_runs_a_stage_with_dcml_shipped_in_the_runtime_env(head, tmp_path):
-    store = tmp_path / "store"
-    submitted = ray_cli(
-        "job",
-        "submit",
-        "--address",
-        head,
-        "--working-dir",
-        ".",
-        "--runtime-env",
-        "jobs/runtime_env.yaml",
-        "--",
-        "python",
-        "jobs/preprocess.py",
-        "--config",
-        "configs/breast_cancer.yaml",
-        "--set",
-        f"storage.root={store}",
-    )
-    out = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, out[-4000:]
-    job_id = re.search(r"Job '(\S+)' submitted successfully", out)[1]
-    assert re.search(r"Job '\S+' succeeded", out), out[-2000:]
-
-    logs = ray_cli("job", "logs", job_id, "--address", head).stdout
-    # dcml came from the uploaded py_module, not from this machine's install
-    shipped = re.search(r"\[dcml\] job: preprocess with dcml from (\S+)", logs)[1]
-    assert "runtime_resources" in shipped and str(REPO) not in shipped
-    ref = re.search(r"dataset: (breast_cancer@\S+)", logs)[1]
-    name, version = ref.split("@")
-    manifest = json.loads((store / "datasets" / name / version / "_manifest.json").read_text())
-    assert manifest["rows"]["train"] > 300
-
-
 @pytest.fixture(scope="module")
 def s3_store():
     """Storage on an S3 API server (moto), so no node relies on another's disk: `--set` flags."""
@@ -115,48 +77,64 @@ def s3_store():
 
 
 @pytest.fixture(scope="module")
-def s3_dataset(cluster, s3_store):
-    """The preprocess stage submitted with `dcml submit`, storage on S3: its job id."""
-    from dcml.cli import main
-
-    args = ["submit", "configs/breast_cancer.yaml", "--stage", "preprocess"]
-    args += ["--address", cluster.head.address]
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert main([*args, "--set", "data.sorce=x"]) == 2  # a bad config fails before submitting
-        assert main([*args, *(f for o in s3_store.overrides for f in ("--set", o))]) == 0
-    finally:
-        os.chdir(cwd)
-    [job] = [
-        j
-        for j in cluster.client.list_jobs()
-        if "jobs/preprocess.py" in j.entrypoint and "s3://dcml-cluster" in j.entrypoint
-    ]
-    status, logs = wait_job(cluster.client, job.submission_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    return job.submission_id
-
-
-def test_dcml_submit_runs_preprocessing_on_both_nodes_with_storage_on_s3(
-    cluster, s3_store, s3_dataset
-):
-    assert len(nodes_of(cluster, s3_dataset, "task")) == 2, "the Ray Data tasks ran on one node"
-    versions = s3_store.storage.ls(s3_store.storage.path("datasets", "breast_cancer"))
-    assert any(
-        s3_store.storage.exists(
-            s3_store.storage.path("datasets", "breast_cancer", v, "_manifest.json")
-        )
-        for v in versions
+def preprocess_job(cluster, s3_store) -> str:
+    """The preprocess stage submitted with the `ray job submit` CLI, as the README shows."""
+    submitted = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        cluster.head.address,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "jobs/runtime_env.yaml",
+        "--",
+        "python",
+        "jobs/preprocess.py",
+        "--config",
+        "configs/breast_cancer.yaml",
+        *(f for o in s3_store.overrides for f in ("--set", o)),
     )
+    out = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, out[-4000:]
+    assert re.search(r"Job '\S+' succeeded", out), out[-2000:]
+    return re.search(r"Job '(\S+)' submitted successfully", out)[1]
+
+
+def test_ray_job_submit_runs_a_stage_with_dcml_shipped_in_the_runtime_env(
+    cluster, s3_store, preprocess_job
+):
+    logs = ray_cli("job", "logs", preprocess_job, "--address", cluster.head.address).stdout
+    # dcml came from the uploaded py_module, not from this machine's install
+    shipped = re.search(r"\[dcml\] job: preprocess with dcml from (\S+)", logs)[1]
+    assert "runtime_resources" in shipped and str(REPO) not in shipped
+    name, version = re.search(r"dataset: (breast_cancer@\S+)", logs)[1].split("@")
+    storage = s3_store.storage
+    manifest = storage.read_json(storage.path("datasets", name, version, "_manifest.json"))
+    assert manifest["rows"]["train"] > 300
+    # the stage's Ray Data tasks ran on both nodes, reading and writing S3
+    assert len(nodes_of(cluster, preprocess_job, "task")) == 2
 
 
 # two DDP workers of one CPU each: one on each node
 TRAIN = ["train.workers=2", "train.cpus_per_worker=1"]
 
 
-def submit_stage(cluster, stage: str, overrides: list[str], run_id: str | None = None) -> str:
-    return submit(cluster.head.address, stage, "configs/breast_cancer.yaml", overrides, run_id)
+def dcml_submit(cluster, capsys, *args: str) -> tuple[str, str]:
+    """`dcml submit CONFIG ARGS` as a user types it: the job id it printed, and its output."""
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = main(
+            ["submit", "configs/breast_cancer.yaml", "--address", cluster.head.address, *args]
+        )
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job = re.search(r"submitted job (\S+)", out)[1]
+    assert f"follow it: ray job logs --follow {job}" in out
+    return job, out
 
 
 def nodes_of(cluster, job: str, kind: str, name: str = "") -> set[str]:
@@ -186,30 +164,36 @@ def epochs_in_history(store, run_id: str) -> list[int]:
 
 
 def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_when_resubmitted(
-    cluster, s3_store, s3_dataset
+    cluster, s3_store, preprocess_job, capsys
 ):
+    sets = [f for o in s3_store.overrides for f in ("--set", o)]
     # max_failures=0: the job fails when its node goes (with retries, Ray Train would wait for
     # the CPUs to come back and restart the workers from the last checkpoint by itself)
-    overrides = [*s3_store.overrides, *TRAIN, "train.epochs=12", "train.max_failures=0"]
-    job = submit_stage(cluster, "train", overrides, "lost-node")
+    for o in (*TRAIN, "train.epochs=8", "train.max_failures=0"):
+        sets += ["--set", o]
+    bad = ["submit", str(REPO / "configs/breast_cancer.yaml"), "--set", "data.sorce=x"]
+    assert main(bad) == 2  # a bad config fails here, before a job is submitted
+    args = ["--stage", "train", "--run-id", "lost-node", *sets]
+    job, out = dcml_submit(cluster, capsys, *args)
+    assert "train lost-node: if the job dies, the same command with --run-id lost-node" in out
     deadline = time.time() + 300
-    while "epoch 3/12" not in cluster.client.get_job_logs(job):
+    while "epoch 2/8" not in cluster.client.get_job_logs(job):
         assert time.time() < deadline, cluster.client.get_job_logs(job)[-3000:]
         time.sleep(0.5)
     assert len(nodes_of(cluster, job, "actor", "RayTrainWorker")) == 2  # one worker per node
     lost = cluster.nodes.pop()
-    lost.stop(signal.SIGKILL)  # the machine is gone: no clean shutdown
+    lost.kill()  # the machine is gone: no clean shutdown
     status, logs = wait_job(cluster.client, job)
     assert status == JobStatus.FAILED, logs[-3000:]
 
     cluster.nodes.append(Worker(cluster.tmp, cluster.head, num_cpus=1, name="worker-2"))
     wait_for_nodes(cluster.head, 2)
     # the same submission again: the stored run goes on from its last checkpoint
-    job = submit_stage(cluster, "train", overrides, "lost-node")
+    job, _ = dcml_submit(cluster, capsys, *args)
     status, logs = wait_job(cluster.client, job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "lost-node is stored: resuming it" in logs
-    assert "epoch 1/12" not in logs  # epoch 0 was not trained again
-    assert epochs_in_history(s3_store, "lost-node") == list(range(12))
+    assert "epoch 1/8" not in logs  # epoch 0 was not trained again
+    assert epochs_in_history(s3_store, "lost-node") == list(range(8))
     models = s3_store.storage.path("models", "breast_cancer")
     assert "1" in s3_store.storage.ls(models)  # registered, on S3
