@@ -113,3 +113,33 @@ def moto_s3(bucket: str):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def tiny_categorical_model(folder: Path) -> dict:
+    """An untrained model over `x` and `color` (categories seen in training: blue, red), saved in
+    `folder`; returns its metadata. For tests of the request schema, not of the model."""
+    from dcml.data.transforms import Preprocessor
+    from dcml.train.loop import make_optimizer, save_checkpoint
+    from dcml.train.model import build_model
+
+    pre = Preprocessor(
+        numeric=["x"],
+        categorical=["color"],
+        fill={"x": 0.0},
+        clip={},
+        center={"x": 0.0},
+        scale={"x": 1.0},
+        categories={"color": ["blue", "red"]},
+    )
+    spec = {
+        "kind": "mlp",
+        "n_features": len(pre.output_features),
+        "n_outputs": 1,
+        "depth": 0,
+        "width": 1,
+        "activation": "relu",
+        "dropout": 0.0,
+    }
+    model = build_model(spec)
+    save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
+    return {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}

@@ -18,6 +18,8 @@ from dcml.train.loop import fit_in_process, load_checkpoint, make_optimizer, sav
 from dcml.train.metrics import binary_metrics, roc_auc
 from dcml.train.model import build_model
 
+from .conftest import tiny_categorical_model
+
 FRACTIONS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 
 
@@ -221,33 +223,7 @@ def test_http_app_rejects_bad_requests_with_the_field_named(http_client):
 
 
 def test_http_app_takes_categories_as_text(tmp_path):
-    pre = Preprocessor(
-        numeric=["x"],
-        categorical=["color"],
-        fill={"x": 0.0},
-        clip={},
-        center={"x": 0.0},
-        scale={"x": 1.0},
-        categories={"color": ["blue", "red"]},
-    )
-    spec = {
-        "kind": "mlp",
-        "n_features": len(pre.output_features),
-        "n_outputs": 1,
-        "depth": 0,
-        "width": 1,
-        "activation": "relu",
-        "dropout": 0.0,
-    }
-    model = build_model(spec)
-    save_checkpoint(str(tmp_path), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
-    meta = {
-        "name": "c",
-        "version": 1,
-        "preprocessor": pre.to_json(),
-        "model_spec": spec,
-        "classes": ["no", "yes"],
-    }
+    meta = {"name": "c", "version": 1, **tiny_categorical_model(tmp_path)}
     (tmp_path / "model.json").write_text(json.dumps(meta))
     client = TestClient(build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, None))
     r = client.post("/predict", json=[{"x": 1.0, "color": "red"}, {"x": 1.0, "color": "mauve"}])

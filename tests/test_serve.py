@@ -23,7 +23,7 @@ from dcml.predictor import Predictor
 from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy, serve_args
 from dcml.storage import Storage
 
-from .conftest import make_config, preprocessed
+from .conftest import make_config, preprocessed, tiny_categorical_model
 from .test_data import quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -188,31 +188,7 @@ def test_a_corpus_of_bad_requests_gets_4xx_and_the_server_keeps_answering(served
 def register_categorical_model(storage: Storage, folder: Path) -> str:
     """An untrained model over `x` and `color` (categories seen in training: blue, red) registered
     as cat@1: what is tested here is the request schema, not the model."""
-    from dcml.data.transforms import Preprocessor
-    from dcml.train.loop import make_optimizer, save_checkpoint
-    from dcml.train.model import build_model
-
-    pre = Preprocessor(
-        numeric=["x"],
-        categorical=["color"],
-        fill={"x": 0.0},
-        clip={},
-        center={"x": 0.0},
-        scale={"x": 1.0},
-        categories={"color": ["blue", "red"]},
-    )
-    spec = {
-        "kind": "mlp",
-        "n_features": len(pre.output_features),
-        "n_outputs": 1,
-        "depth": 0,
-        "width": 1,
-        "activation": "relu",
-        "dropout": 0.0,
-    }
-    model = build_model(spec)
-    save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
-    meta = {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}
+    meta = tiny_categorical_model(folder)
     return registry.register(storage, "cat", str(folder), meta).ref
 
 
