@@ -151,6 +151,23 @@ class Worker(Node):
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def add_worker(
+    tmp: Path, head: Head, num_cpus: int, name: str, count: int, tries: int = 3
+) -> Worker:
+    """A worker node that has joined, making `count` alive nodes: on a loaded 2-core machine a
+    raylet sometimes misses `ray start`'s fixed 30 s to register ("The current node timed out
+    during startup"); such a node exits, and another is started in its place."""
+    for attempt in range(tries):
+        node = Worker(tmp, head, num_cpus, f"{name}-{attempt}")
+        deadline = time.time() + 120
+        while node.alive() and len(alive_nodes(head)) < count and time.time() < deadline:
+            time.sleep(1)
+        if node.alive() and len(alive_nodes(head)) >= count:
+            return node
+        node.kill()
+    raise AssertionError(f"no worker node joined in {tries} tries: {node.tail()}")
+
+
 def alive_nodes(head: Head) -> list[dict]:
     from ray.util.state import list_nodes
 

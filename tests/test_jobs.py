@@ -19,7 +19,7 @@ from dcml.jobs import submit_entrypoint
 from dcml.storage import Storage
 
 from .conftest import REPO, moto_s3
-from .ray_nodes import BIN, ENV, Head, Worker, wait_for_nodes
+from .ray_nodes import BIN, ENV, Head, add_worker, wait_for_nodes
 
 # with the session's Ray running beside the head, as in the full suite (they must not collide)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -32,8 +32,7 @@ def cluster(tmp_path_factory):
     head = Head(tmp, num_cpus=1)
     nodes: list = [head]
     try:
-        nodes.append(Worker(tmp, head, num_cpus=1, name="worker-1"))
-        wait_for_nodes(head, 2)
+        nodes.append(add_worker(tmp, head, num_cpus=1, name="worker-1", count=2))
         # the dashboard answers before the head's job agent runs: wait until a job goes through
         client = JobSubmissionClient(head.address)
         wait_job(client, submit_entrypoint(client, "python -c pass", {}, wait_s=120), 240)
@@ -186,8 +185,8 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     status, logs = wait_job(cluster.client, job)
     assert status == JobStatus.FAILED, logs[-3000:]
 
-    cluster.nodes.append(Worker(cluster.tmp, cluster.head, num_cpus=1, name="worker-2"))
-    wait_for_nodes(cluster.head, 2)
+    wait_for_nodes(cluster.head, 1)  # the cluster has seen the node go
+    cluster.nodes.append(add_worker(cluster.tmp, cluster.head, 1, "worker-2", count=2))
     # the same submission again: the stored run goes on from its last checkpoint
     job, _ = dcml_submit(cluster, capsys, *args)
     status, logs = wait_job(cluster.client, job)
