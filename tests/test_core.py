@@ -222,6 +222,27 @@ def test_http_app_rejects_bad_requests_with_the_field_named(http_client):
     assert client.post("/predict", json=row, headers=auth).status_code == 200  # still answering
 
 
+def test_http_app_predict_route_answers_outside_fastapi_routing_like_a_route(http_client):
+    """POST /predict skips Starlette's routing: its other answers are still HTTP's."""
+    client, row = http_client
+    auth = {"Authorization": "Bearer s3cret"}
+    r = client.get("/predict", headers=auth)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = client.post(
+        "/predict", content=json.dumps(row), headers={**auth, "Content-Type": "text/plain"}
+    )
+    assert r.status_code == 415
+    chunked = (json.dumps(row).encode() for _ in range(1000))  # no content-length: read and cut
+    assert client.post("/predict", content=chunked, headers=auth).status_code == 413
+    r = client.post("/predict", content=b"{", headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
+    r = client.post("/predict", json=[row, {**row, "mean area": "big"}], headers=auth)
+    assert r.status_code == 422 and [d["field"] for d in r.json()["detail"]] == ["1.mean area"]
+    spec = client.get("/openapi.json").json()
+    assert spec["paths"]["/predict"]["post"]["security"] == [{"bearer": []}]
+    assert "mean area" in spec["components"]["schemas"]["Record"]["properties"]
+
+
 def test_http_app_takes_categories_as_text(tmp_path):
     meta = {"name": "c", "version": 1, **tiny_categorical_model(tmp_path)}
     (tmp_path / "model.json").write_text(json.dumps(meta))

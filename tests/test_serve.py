@@ -97,7 +97,28 @@ def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served)
     assert set(meta["schema"]["properties"]) == set(rows[0])
     assert meta["metrics"]["test_roc_auc"] > 0.9
     assert requests.get(f"{url}/readyz", timeout=10).json()["model_version"] == "bc@1"
-    assert requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]["/predict"]
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert {"$ref": "#/components/schemas/Record"} in body["schema"]["anyOf"]
+    assert set(spec["components"]["schemas"]["Record"]["required"]) == set(rows[0])
+
+
+def test_the_ingress_is_haproxy_and_a_lone_request_is_not_batched(served):
+    """The default ingress (cluster.serve_ingress: haproxy): the process listening on serve.port is
+    HAProxy, on loopback. A request alone in its replica is predicted at once (batch size 1)."""
+    import psutil
+
+    cfg, url, _, rows, _ = served
+    listening = [
+        c
+        for c in psutil.net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr.port == cfg.serve.port
+    ]
+    assert [c.laddr.ip for c in listening] == ["127.0.0.1"], listening
+    assert psutil.Process(listening[0].pid).name() == "haproxy"
+    for _ in range(3):
+        r = post(url, rows[0])
+        assert r.status_code == 200 and r.headers[BATCH_SIZE_HEADER] == "1"
 
 
 def test_requests_are_merged_by_record_count_up_to_max_batch_size(served):
@@ -164,7 +185,7 @@ def bad_requests(good: dict, limit: int) -> dict[str, tuple[dict, int]]:
         "huge body": (raw("[" + "1," * limit + "1]"), 413),
         "wrong content type": (
             {"data": json.dumps(good), "headers": {**AUTH, "Content-Type": "text/plain"}},
-            422,
+            415,
         ),
         "no token": ({"json": good, "headers": {}}, 401),
         "wrong token": ({"json": good, "headers": {"Authorization": "Bearer nope"}}, 401),
