@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import socket
 import tempfile
 
@@ -40,6 +42,7 @@ def _haproxy_env() -> None:
     if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in os.environ:
         return
     state = tempfile.mkdtemp(prefix="dcml-haproxy-")
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
     for name, path in (
         ("CONFIG_FILE_LOC", "haproxy.cfg"),
         ("SOCKET_PATH", "admin.sock"),

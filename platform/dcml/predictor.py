@@ -86,10 +86,9 @@ class Predictor:
         return rows
 
     def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        numeric = self.preprocessor.numeric
+        pre = self.preprocessor
         # one array for all numeric columns; None (missing) becomes NaN, imputed by the preprocessor
-        matrix = np.array([[r[c] for c in numeric] for r in records], dtype=np.float64)
-        matrix = matrix.reshape(len(records), len(numeric))
-        columns: dict[str, Any] = {c: matrix[:, j] for j, c in enumerate(numeric)}
-        columns.update({c: [r[c] for r in records] for c in self.preprocessor.categorical})
-        return self.answer(self.predict_columns(columns))
+        matrix = np.array([[r[c] for c in pre.numeric] for r in records], dtype=np.float64)
+        matrix = matrix.reshape(len(records), len(pre.numeric))
+        columns = {c: [r[c] for r in records] for c in pre.categorical}
+        return self.answer(self.predict_features(pre.transform(columns, numeric=matrix)))

@@ -78,13 +78,19 @@ class Preprocessor:
             )
         return cls(**{k: state[k] for k in cls.__dataclass_fields__})
 
-    def transform(self, columns: Mapping[str, Any]) -> np.ndarray:
-        """Raw columns (NumPy or Arrow arrays, by name) -> float32 (rows, output features)."""
-        n = len(columns[self.inputs[0]])
+    def transform(
+        self, columns: Mapping[str, Any], numeric: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Raw columns (NumPy or Arrow arrays, by name) -> float32 (rows, output features).
+        `numeric`: the numeric columns already as one float64 (rows, columns) matrix, NaN where
+        missing (a served request builds one from its records), instead of from `columns`."""
+        if numeric is None and self.numeric:
+            numeric = numeric_matrix(columns, self.numeric)
+        n = len(numeric) if numeric is not None else len(columns[self.inputs[0]])
         out = np.zeros((n, len(self.output_features)), dtype=np.float32)
         if self.numeric:
             fill, low, high, center, scale = self._numeric_state
-            v = numeric_matrix(columns, self.numeric)
+            v = numeric
             v = np.clip(np.where(np.isnan(v), fill, v), low, high)
             out[:, : len(self.numeric)] = (v - center) / scale
         j = len(self.numeric)

@@ -212,6 +212,8 @@ def raw_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> to
     """The model's outputs (logits, values) in float32, in eval mode."""
     if model.training:  # eval() walks every module: a served model is in eval mode already
         model.eval()
+    if len(x) <= batch_size:
+        return model(x).float()
     outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, device=x.device)
 
