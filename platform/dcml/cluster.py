@@ -38,6 +38,12 @@ def _haproxy_env() -> None:
     # A replica being removed keeps answering this long so that load balancers can notice (30 s
     # by default, for external ones); HAProxy here is reloaded by Serve itself within 0.1 s.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    # HAProxy logs every request to a socket that Serve's HAProxy manager (Python) parses into the
+    # ingress metrics (serve_num_http_requests, ...): ~0.2 ms of CPU per request, a third of what
+    # the replica spends. Off unless set; the replicas' own request metrics stay.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0")
+    # four threads by default, on machines of any size
+    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
     # HAProxy's files default to /tmp/haproxy-serve/, which two Rays on one machine would share.
     if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in os.environ:
         return
