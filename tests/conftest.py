@@ -115,6 +115,13 @@ def moto_s3(bucket: str):
         proc.wait(timeout=10)
 
 
+def register_tiny_model(storage, folder: Path) -> str:
+    """`tiny_categorical_model` registered as cat@1 in `storage`: its reference."""
+    from dcml import registry
+
+    return registry.register(storage, "cat", str(folder), tiny_categorical_model(folder)).ref
+
+
 def tiny_categorical_model(folder: Path) -> dict:
     """An untrained model over `x` and `color` (categories seen in training: blue, red), saved in
     `folder`; returns its metadata. For tests of the request schema, not of the model."""

@@ -23,7 +23,7 @@ from dcml.predictor import Predictor
 from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy, serve_args
 from dcml.storage import Storage
 
-from .conftest import make_config, preprocessed, tiny_categorical_model
+from .conftest import make_config, preprocessed, register_tiny_model
 from .test_data import quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -206,17 +206,10 @@ def test_a_corpus_of_bad_requests_gets_4xx_and_the_server_keeps_answering(served
     assert requests.get(f"{url}/metadata", timeout=10).status_code == 401
 
 
-def register_categorical_model(storage: Storage, folder: Path) -> str:
-    """An untrained model over `x` and `color` (categories seen in training: blue, red) registered
-    as cat@1: what is tested here is the request schema, not the model."""
-    meta = tiny_categorical_model(folder)
-    return registry.register(storage, "cat", str(folder), meta).ref
-
-
 def test_unknown_categories_reject_is_a_422_naming_the_column_and_bucket_answers(served, tmp_path):
     _, url, _, _, _ = served
     storage = Storage(str(tmp_path / "store"))
-    ref = register_categorical_model(storage, tmp_path / "checkpoint")
+    ref = register_tiny_model(storage, tmp_path / "checkpoint")
     seen, unseen = {"x": 1.0, "color": "red"}, {"x": 1.0, "color": "mauve"}
     args = {"model": ref, "storage_root": storage.uri()}
     with (
@@ -226,7 +219,7 @@ def test_unknown_categories_reject_is_a_422_naming_the_column_and_bucket_answers
         assert post(strict, seen).status_code == 200
         r = post(strict, unseen)
         assert r.status_code == 422, r.text[:300]
-        first = r.json()["detail"][0]  # (then: "body is not a list")
+        first = r.json()["detail"][0]
         assert first["field"] == "color" and "'blue' or 'red'" in first["msg"], r.text[:300]
         r = post(strict, [seen, unseen])  # in a list: the record is named too
         assert r.status_code == 422 and "1.color" in {d["field"] for d in r.json()["detail"]}
