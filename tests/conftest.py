@@ -116,10 +116,16 @@ def moto_s3(bucket: str):
 
 
 def register_tiny_model(storage, folder: Path) -> str:
-    """`tiny_categorical_model` registered as cat@1 in `storage`: its reference."""
+    """`tiny_categorical_model`, saved in `folder` and copied to `storage` as a checkpoint,
+    registered as cat@1 there: its reference."""
     from dcml import registry
 
-    return registry.register(storage, "cat", str(folder), tiny_categorical_model(folder)).ref
+    meta = tiny_categorical_model(folder)
+    checkpoint = storage.path("checkpoints", "tiny")
+    storage.fs.makedirs(checkpoint, exist_ok=True)
+    for f in folder.iterdir():
+        storage.fs.put_file(str(f), f"{checkpoint}/{f.name}")
+    return registry.register(storage, "cat", checkpoint, meta).ref
 
 
 def tiny_categorical_model(folder: Path) -> dict:

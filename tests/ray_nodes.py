@@ -15,11 +15,16 @@ from pathlib import Path
 
 import requests
 
-from .conftest import free_port
+from .conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent
-# a local test cluster: no token (a real cluster keeps Ray's token auth)
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# A local test cluster: no token (a real cluster keeps Ray's token auth). Its processes import
+# serve_apps as a cluster image holding the repository would (`serve deploy` uploads no code).
+ENV = {
+    **os.environ,
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
 # the session's Ray already holds the agents' default ports (52365, ...)
 PORT_OPTIONS = (
     "dashboard-agent-listen-port",

@@ -1,7 +1,7 @@
 """Ray jobs on a real two-node cluster on loopback (`ray start --head` and a worker node, storage on
 an S3 API server): stages submitted with the `ray job submit` CLI and with `dcml submit`, followed
 with `ray job logs`, outputs checked in storage; a node killed mid-training, and the run resumed by
-submitting the job again."""
+submitting the job again; `serve deploy` of the Serve config file through the head's dashboard."""
 
 import csv
 import io
@@ -12,13 +12,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import requests
+import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from dcml.cli import main
 from dcml.jobs import submit_entrypoint
 from dcml.storage import Storage
 
-from .conftest import REPO, moto_s3
+from .conftest import REPO, free_port, moto_s3, register_tiny_model
 from .ray_nodes import BIN, ENV, Head, add_worker, wait_for_nodes
 
 # with the session's Ray running beside the head, as in the full suite (they must not collide)
@@ -196,3 +198,55 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     assert epochs_in_history(s3_store, "lost-node") == list(range(8))
     models = s3_store.storage.path("models", "breast_cancer")
     assert "1" in s3_store.storage.ls(models)  # registered, on S3
+
+
+def serve_cli(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "serve"), *args, "--address", cluster.head.address],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_serve_deploy_runs_the_config_file_on_the_cluster(cluster, s3_store, tmp_path):
+    """`serve deploy` of serve_apps/config.yaml, as its comment shows, with the model and storage
+    set: the replica loads the version from S3 and answers over HTTP; `serve shutdown` ends it."""
+    storage = s3_store.storage
+    ref = register_tiny_model(storage, tmp_path / "model")
+    config = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
+    port = free_port()
+    config["proxy_location"] = "HeadOnly"  # every node is on this machine: one proxy per port
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(
+        model=ref,
+        storage_root=storage.uri(),
+        storage_options=storage.options,
+        num_cpus=0.25,
+        reload_s=0,
+    )
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    deployed = serve_cli(cluster, "deploy", str(path))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        deadline = time.time() + 240
+        while True:
+            try:
+                r = requests.post(url, json={"x": 1.0, "color": "red"}, timeout=10)
+                if r.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, serve_cli(cluster, "status").stdout[-3000:]
+            time.sleep(1)
+        assert r.json()["model_version"] == ref
+        bad = requests.post(url, json={"x": "one", "color": "red"}, timeout=10)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "x"
+        assert "RUNNING" in serve_cli(cluster, "status").stdout
+    finally:
+        stopped = serve_cli(cluster, "shutdown", "-y")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
