@@ -31,6 +31,7 @@ from dcml.predictor import Predictor
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_HEADER = "x-dcml-batch-size"
+UNAUTHORIZED = "missing or wrong bearer token"
 
 
 class ServeArgs(BaseModel):
@@ -97,9 +98,7 @@ class PredictEndpoint:
     def __init__(self, source: Any, body_type: TypeAdapter, limit: int, token: str | None):
         self.source, self.body_type, self.limit = source, body_type, limit
         self.expected = None if token is None else f"Bearer {token}".encode()
-        self.unauthorized = _json(
-            401, {"detail": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")]
-        )
+        self.unauthorized = _json(401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
         self.too_large = _json(413, {"detail": f"request body over {limit} bytes"})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -118,10 +117,12 @@ class PredictEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": body})
 
+    def authorized(self, authorization: bytes) -> bool:
+        """Whether an Authorization header value carries the token (any, when none is set)."""
+        return self.expected is None or hmac.compare_digest(authorization, self.expected)
+
     async def answer(self, headers: dict[bytes, bytes], receive) -> tuple[int, bytes, list]:
-        if self.expected is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self.expected
-        ):
+        if not self.authorized(headers.get(b"authorization", b"")):
             return self.unauthorized
         kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip()
         if kind != b"application/json" and not kind.endswith(b"+json"):
@@ -242,8 +243,9 @@ def build_http_app(
     body_schema = body_type.json_schema(ref_template="#/components/schemas/{model}")
     schemas = body_schema.pop("$defs")
     request_body = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+    endpoint = PredictEndpoint(source, body_type, max_request_bytes, auth_token)
     app = ModelApp(
-        PredictEndpoint(source, body_type, max_request_bytes, auth_token),
+        endpoint,
         title="dcml model server",
         version=str(source.predictor.meta.get("version")),
     )
@@ -252,13 +254,8 @@ def build_http_app(
     # Everything on the request path is async: FastAPI runs a sync endpoint or dependency in a
     # worker thread, and that hop was ~8% of a replica's CPU per request.
     async def check_token(request: Request) -> None:
-        if auth_token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {auth_token}".encode()):
-            raise HTTPException(
-                401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
-            )
+        if not endpoint.authorized(request.headers.get("authorization", "").encode()):
+            raise HTTPException(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
