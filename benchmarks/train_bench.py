@@ -95,7 +95,7 @@ def quality(root: Path) -> tuple[float, float]:
     from sklearn.linear_model import LogisticRegression
 
     from dcml.config import load_config
-    from dcml.data.preprocess import read_split_numpy
+    from dcml.data.catalog import read_split_numpy
     from dcml.pipeline import stage_preprocess, stage_train
     from dcml.storage import Storage
     from dcml.train.metrics import roc_auc
@@ -125,7 +125,8 @@ def main() -> None:
 
     from dcml.cluster import connect
     from dcml.config import parse_config
-    from dcml.data.preprocess import preprocess, read_split_numpy
+    from dcml.data.catalog import read_split_numpy
+    from dcml.data.preprocess import preprocess
     from dcml.storage import Storage
     from dcml.train.model import model_spec
 

@@ -9,9 +9,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from dcml.data.catalog import list_versions, read_split_numpy, resolve_dataset
 from dcml.data.errors import DataError
 from dcml.data.gate import GateError
-from dcml.data.preprocess import list_versions, preprocess, read_split_numpy, resolve_dataset
+from dcml.data.preprocess import preprocess
 from dcml.data.synth import encode, synth_table
 from dcml.storage import Storage
 
@@ -51,8 +52,9 @@ def run(tmp_path, name="syn", source=None, **data):
 
 
 def stored(tmp_path, name="syn") -> list:
+    """Files under the dataset's folder: committed or a writer's leftovers."""
     folder = tmp_path / "store" / "datasets" / name
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
 def test_bundled_data_is_collected_split_gated_and_versioned(tmp_path):
@@ -63,7 +65,7 @@ def test_bundled_data_is_collected_split_gated_and_versioned(tmp_path):
     m = dv.manifest
     assert m["rows"]["raw"] == 569
     assert sum(m["rows"][s] for s in ("train", "validation", "test")) == 569
-    assert len(list((tmp_path / "store" / "raw" / "breast_cancer").glob("*.parquet"))) == 4
+    assert len(list((tmp_path / "store" / "raw" / "breast_cancer").glob("tx-*/*.parquet"))) == 4
     assert len(m["features"]) == 30 and m["classes"] == [0, 1]
     assert m["gate"]["passed"] is True
     assert len(m["content_hash"]) == 64

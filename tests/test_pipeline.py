@@ -36,6 +36,8 @@ def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):
     assert result.served_metrics["roc_auc"] >= 0.98
     assert result.served_metrics["accuracy"] >= 0.9
     assert result.model.meta["metrics"]["test_roc_auc"] >= 0.98
+    # the test twin of every metric train.metric can select is stored, for the promotion gate
+    assert 0 < result.model.meta["metrics"]["test_loss"] < 1
     text = "\n".join(lines)
     assert "tuning results" in text and "served model on the test split" in text
     assert "validation gate passed" in text

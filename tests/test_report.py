@@ -40,7 +40,7 @@ def fake_run(storage: Storage, root: str, sweep: bool = True) -> None:
         "created_at": 1.7e9,
         "source": "bundled:breast_cancer",
         "format": "parquet",
-        "files": ["a.parquet", "b.parquet"],
+        "source_files": ["a.parquet", "b.parquet"],
         "task": "binary",
         "classes": [0, 1],
         "class_counts": {"train": [140, 250], "validation": [30, 55], "test": [42, 52]},

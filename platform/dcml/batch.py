@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig
 from dcml.data.sources import read_dataset, resolve_files
 from dcml.predictor import Predictor
-from dcml.storage import Storage
+from dcml.storage import Commit, Storage, file_entry, read_manifest
 
 
 class _PredictBatch:
-    """Ray Data actor: loads the model once, then predicts batch after batch."""
+    """Ray Data actor: loads the model once, then predicts and writes batch after batch, each as
+    one Parquet file under the output's writer prefix; returns the files' manifest entries."""
 
-    def __init__(
-        self, storage_root: str, storage_options: dict[str, Any], model_path: str, id_col: str
-    ):
-        self.predictor = Predictor.from_storage(Storage(storage_root, storage_options), model_path)
-        self.id_col = id_col
+    def __init__(self, storage: Storage, model_path: str, id_col: str, out: Storage, base: str):
+        self.predictor = Predictor.from_storage(storage, model_path)
+        self.id_col, self.out, self.base = id_col, out, base
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        import io
+        import json
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        table = self.predict(batch)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+        self.out.write_bytes(f"{self.base}/{name}", buf.getvalue())
+        entry = {**file_entry(name, buf.getvalue()), "rows": table.num_rows}
+        return {"entry": np.array([json.dumps(entry)])}
+
+    def predict(self, batch: pa.Table) -> pa.Table:
         p = self.predictor
         out = p.predict_columns({c: batch.column(c) for c in p.inputs})
         columns = {"id": batch.column(self.id_col)}
@@ -44,8 +56,9 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     connect(cfg.cluster)
     storage = Storage.from_config(cfg)
     mv = registry.resolve_model(storage, model_ref)
-    out_fs, out_path = fsspec.core.url_to_fs(output_uri, **storage.options)
-    if out_fs.exists(out_path):
+    registry.require_model(storage, mv)
+    out = Storage(output_uri, storage.options)
+    if read_manifest(out, out.root) is not None:
         raise FileExistsError(f"output {output_uri} exists; predictions never overwrite data")
     fs, files, fmt = resolve_files(input_uri, cfg.data.format, storage.options)
     ds = read_dataset(files, fmt, fs)
@@ -54,27 +67,29 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
         raise ValueError(
             f"model {mv.ref} was trained on data without an id column (data.id_column)"
         )
-    predictions = ds.map_batches(
-        _PredictBatch,
-        fn_constructor_args=(storage.uri(), storage.options, mv.path, id_col),
-        batch_format="pyarrow",
-        batch_size=65_536,  # the model is small: big batches keep per-call overhead down
-        concurrency=(1, 2),
-        # A fraction of a CPU: a whole one, beside a Serve replica, left the read tasks none on a
-        # 2-CPU node and the job waited forever.
-        num_cpus=0.5,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-    ).materialize()
-    out = Storage(output_uri, cfg.storage.storage_options)
-    parent = out.root.rsplit("/", 1)[0]
-    tmp = out.tmp_dir(parent)
+    commit = Commit(out, out.root)
     try:
-        predictions.write_parquet(
-            tmp, filesystem=None if out.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))
-        )
-        rows = predictions.count()
-        out.commit_dir(tmp, out.root)
+        written = ds.map_batches(
+            _PredictBatch,
+            fn_constructor_args=(storage, mv.path, id_col, out, commit.base),
+            batch_format="pyarrow",
+            batch_size=65_536,  # the model is small: big batches keep per-call overhead down
+            concurrency=(1, 2),
+            # A fraction of a CPU: a whole one, beside a Serve replica, left the read tasks none
+            # on a 2-CPU node and the job waited forever.
+            num_cpus=0.5,
+            num_gpus=1 if cfg.train.use_gpu else 0,
+        ).take_all()
+        entries = [json.loads(w["entry"]) for w in written]
+        rows = sum(e.pop("rows") for e in entries)
+        commit.add(entries)
+        commit.commit({"kind": "predictions", "model": mv.ref, "input": input_uri, "rows": rows})
+    except FileExistsError as e:  # another run wrote this output first
+        commit.abort()
+        raise FileExistsError(
+            f"output {output_uri} exists; predictions never overwrite data"
+        ) from e
     except BaseException:
-        out.remove(tmp)
+        commit.abort()
         raise
     return rows

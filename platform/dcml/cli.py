@@ -236,6 +236,31 @@ def models_show(model: str, config: Path | None = ConfigOpt, set_: list[str] | N
     typer.echo(json.dumps(shown, indent=2, sort_keys=True, default=str))
 
 
+@models_app.command("verify")
+def models_verify(
+    model: str = typer.Argument(..., help="NAME@VERSION, NAME@ALIAS or NAME."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Recompute every file's size and SHA-256 against the version's model.json; exit 1 naming
+    each missing, extra or altered file."""
+    from dcml import registry
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    mv = registry.resolve_model(storage, model)
+    _report_verified(mv.ref, registry.verify_version(storage, mv), len(mv.meta.get("files", [])))
+
+
+def _report_verified(ref: str, problems: list[str], files: int) -> None:
+    if problems:
+        for p in problems:
+            typer.echo(p, err=True)
+        typer.echo(f"{ref}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{ref}: all {files} file(s) match the manifest")
+
+
 @models_app.command("promote")
 def models_promote(
     name: str,
@@ -275,7 +300,7 @@ def data_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     """Committed dataset versions, oldest first."""
     import time
 
-    from dcml.data.preprocess import list_versions
+    from dcml.data.catalog import list_versions
     from dcml.storage import Storage
 
     storage = Storage.from_config(_config(config, set_))
@@ -298,8 +323,8 @@ def data_show(
     set_: list[str] | None = SetOpt,
 ):
     """A dataset version: source, rows by split and drop reason, features, the gate's report."""
+    from dcml.data.catalog import resolve_dataset
     from dcml.data.gate import CheckResult, GateReport
-    from dcml.data.preprocess import resolve_dataset
     from dcml.storage import Storage
 
     dv = resolve_dataset(Storage.from_config(_config(config, set_)), ref)
@@ -313,7 +338,7 @@ def data_show(
     report = GateReport([[CheckResult(**c) for c in r] for r in m["gate"]["rounds"]])
     typer.echo(
         f"dataset      {dv.ref}\n"
-        f"source       {m['source']} ({len(m['files'])} {m['format']} file(s))\n"
+        f"source       {m['source']} ({len(m['source_files'])} {m['format']} file(s))\n"
         f"task         {m['task']}" + (f", classes {m['classes']}" if m["classes"] else "") + "\n"
         f"rows         {rows['raw']} raw; train {rows['train']}, validation {rows['validation']}, "
         f"test {rows['test']}; augmented {rows['augmented']}\n"
@@ -323,6 +348,22 @@ def data_show(
         f"shards       {len(m['shards'])}; content hash {m['content_hash']}\n"
         f"gate\n{report.table()}"
     )
+
+
+@data_app.command("verify")
+def data_verify(
+    ref: str = typer.Argument(..., help="NAME[@VERSION]; default: the latest version."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Recompute every shard's size and SHA-256 against the version's manifest; exit 1 naming
+    each missing, extra or altered file."""
+    from dcml.data.catalog import resolve_dataset, verify_dataset
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    dv = resolve_dataset(storage, ref)
+    _report_verified(dv.ref, verify_dataset(storage, dv), len(dv.manifest.get("files", [])))
 
 
 @data_app.command("synth")
@@ -344,6 +385,22 @@ def data_synth(
     files = write_synth(out, rows, shards, fmt, seed, cfg.storage.storage_options)
     typer.echo(f"wrote {rows} rows in {len(files)} {fmt} file(s) under {out}")
     _shutdown()
+
+
+@app.command()
+def gc(
+    older_than: str = typer.Option("24h", help="Only what is at least this old (30m, 24h, 7d)."),
+    yes: bool = typer.Option(False, "--yes", help="Delete what is listed (default: only list)."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """List what the storage root holds that nothing needs: abandoned writes, checkpoints of runs
+    no model came from, dataset versions no run or model names; delete them with --yes."""
+    from dcml import gc as collector
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(_config(config, set_))
+    collector.collect(storage, older_than, yes, typer.echo)
 
 
 def _block(cfg: PipelineConfig) -> None:

@@ -54,6 +54,11 @@ class StorageConfig(_Section):
         default_factory=dict,
         description="fsspec options for the storage root (credentials, endpoint_url, ...).",
     )
+    verify: bool = Field(
+        False,
+        description="Check every file of a dataset version against its SHA-256 before training "
+        "on it (presence and sizes are always checked; model weights are always hashed).",
+    )
 
 
 Impute = Literal["mean", "median", "unknown", "drop"]

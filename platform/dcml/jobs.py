@@ -39,8 +39,7 @@ def resume_if_stored(stage: str, args: list[str]) -> list[str]:
     """A job resubmitted with the id of a stored run or sweep continues it (`--resume ID`): a job
     that died with its node, or was stopped, is resubmitted unchanged."""
     from dcml.cli import _config
-    from dcml.pipeline import RUN_JSON
-    from dcml.storage import Storage
+    from dcml.storage import RUN_JSON, Storage
 
     flag = ID_FLAGS.get(stage)
     if flag not in args:

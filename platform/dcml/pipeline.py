@@ -9,6 +9,7 @@ storage root, so each can also run alone from the CLI or a job.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,19 +18,21 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig, public_dump, with_overrides, with_secrets
+from dcml.data.catalog import DatasetVersion, read_split_numpy, require_dataset, resolve_dataset
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
-from dcml.data.preprocess import DatasetVersion, preprocess, read_split_numpy, resolve_dataset
+from dcml.data.preprocess import preprocess
 from dcml.predictor import Predictor
 from dcml.report import write_report
-from dcml.storage import Storage
-from dcml.train.loop import META
+from dcml.storage import RUN_JSON, Storage, to_json
+from dcml.train.loop import META, WEIGHTS, evaluate
 from dcml.train.metrics import task_metrics
-from dcml.train.trainer import TrainOutcome, fit, new_run_id
+from dcml.train.trainer import TrainOutcome, fit, loss_of, new_run_id
 
 Log = Callable[[str], None]
 
@@ -37,9 +40,6 @@ Log = Callable[[str], None]
 def stage_preprocess(cfg: PipelineConfig, log: Log = print) -> DatasetVersion:
     connect(cfg.cluster)
     return preprocess(cfg, Storage.from_config(cfg), log)
-
-
-RUN_JSON = "run.json"
 
 
 def resumed_config(cfg: PipelineConfig, run_id: str, overrides: list[str] | None = None):
@@ -64,21 +64,30 @@ def _open_run(
     """The dataset of a new run (recorded in runs/<run_id>/run.json with its config) or of the
     stored run that `resume` continues. An existing id is never started over."""
     record = storage.path("runs", run_id, RUN_JSON)
+    exists = ValueError(
+        f"run {run_id!r} exists: `dcml {verb} --resume {run_id}` continues it; "
+        "choose another id to start a new one"
+    )
     if storage.exists(record):
         if not resume:
-            raise ValueError(
-                f"run {run_id!r} exists: `dcml {verb} --resume {run_id}` continues it; "
-                "choose another id to start a new one"
-            )
+            raise exists
         dataset_ref = storage.read_json(record)["dataset"]
     elif resume:
         raise LookupError(f"no run {run_id!r} to resume under {storage.uri('runs')}")
     dataset = resolve_dataset(storage, dataset_ref or cfg.data.name)
+    require_dataset(storage, dataset, full=cfg.storage.verify)
     if not resume:
-        storage.write_json(
-            record,
-            {"run_id": run_id, "kind": verb, "dataset": dataset.ref, "config": public_dump(cfg)},
-        )
+        started = {
+            "run_id": run_id,
+            "kind": verb,
+            "dataset": dataset.ref,
+            "config": public_dump(cfg),
+            "created_at": time.time(),
+        }
+        try:  # exclusive: two jobs given one new run id cannot both start it
+            storage.create(record, to_json(started).encode())
+        except FileExistsError:
+            raise exists from None
     return dataset
 
 
@@ -158,13 +167,14 @@ def stage_register(
         },
         "config": public_dump(cfg),
     }
-    # Test metrics of exactly what gets registered: weights + preprocessor through the Predictor.
-    with storage.fs.open(f"{checkpoint_path}/{registry.WEIGHTS}", "rb") as f:
-        predictor = Predictor(f.read(), meta)
+    # Test metrics of exactly what gets registered (weights + preprocessor through the
+    # Predictor), with the test twin of every metric `train.metric` can name (loss included).
+    predictor = Predictor(storage.read_bytes(f"{checkpoint_path}/{WEIGHTS}"), meta)
     _, x, y = read_split_numpy(storage, dataset, "test")
     task = dataset.manifest["task"]
-    test = task_metrics(task, y, predictor.predict_features(x))
-    meta["metrics"] = {f"test_{k}": v for k, v in test.items()}
+    loss_fn = loss_of(cfg, dataset.manifest)
+    meta["metrics"] = evaluate(predictor.model, torch.as_tensor(x), y, task, loss_fn, "test_")
+    test = {k.removeprefix("test_"): v for k, v in meta["metrics"].items()}
     mv = registry.register(storage, cfg.name, checkpoint_path, meta)
     log(f"registered model {mv.ref} at {storage.to_uri(mv.path)}: test {format_metrics(test)}")
     for alias in aliases:
@@ -197,11 +207,11 @@ def raw_test_rows(
         if d.storage_options is None or m["source"].startswith("bundled:")
         else d.storage_options
     )
-    fs = fsspec.core.url_to_fs(m["files"][0], **options)[0]
+    fs = fsspec.core.url_to_fs(m["source_files"][0], **options)[0]
     cols = Columns(**m["columns"])
     clean = ReadAndClean(
         fs,
-        m["files"],
+        m["source_files"],
         m["format"],
         cols,
         m["config"]["seed"],
@@ -211,7 +221,7 @@ def raw_test_rows(
     )
     keys = [class_key(c) for c in m["classes"] or []]
     parts, n = [], 0
-    for i in range(len(m["files"])):
+    for i in range(len(m["source_files"])):
         t = clean({"file": np.array([i])})
         t = t.filter(pc.and_(pc.equal(t.column("_split"), 2), pc.equal(t.column("_drop"), 0)))
         label = (

@@ -43,9 +43,26 @@ class Predictor:
 
     @classmethod
     def from_storage(cls, storage, path: str, device: str = "cpu") -> Predictor:
-        with storage.fs.open(f"{path}/{WEIGHTS}", "rb") as f:
-            weights = f.read()
-        return cls(weights, storage.read_json(f"{path}/{MODEL_JSON}"), device)
+        """Load a registered version, refusing weights whose size or SHA-256 differ from those
+        its model.json lists (hashing a small model's weights takes milliseconds)."""
+        import hashlib
+
+        from dcml.storage import DamagedError, lists_files
+
+        meta = storage.read_json(f"{path}/{MODEL_JSON}")
+        weights = storage.read_bytes(f"{path}/{WEIGHTS}")
+        listed = {e["path"]: e for e in meta.get("files", [])}
+        entry = listed.get(WEIGHTS)
+        if lists_files(meta) and (
+            entry is None
+            or entry["bytes"] != len(weights)
+            or entry["sha256"] != hashlib.sha256(weights).hexdigest()
+        ):
+            raise DamagedError(
+                f"{storage.to_uri(f'{path}/{WEIGHTS}')} is not the file its model.json lists "
+                "(altered or partly written); not loading it"
+            )
+        return cls(weights, meta, device)
 
     @property
     def version(self) -> str:

@@ -1,19 +1,30 @@
 """The model registry: numbered versions under models/<name>/, and aliases such as `production`.
 
-A version folder holds `model.safetensors` and `model.json` (model spec, features, preprocessor
-state, metrics, lineage). It is written under a temporary name and renamed into place; `model.json`
-is its marker. Versions are never overwritten; aliases keep their history for rollback.
+A version number is taken by creating `models/<name>/<N>/_claim.json` exclusively, so concurrent
+registrations never share one; the claimant writes `model.safetensors` there and then creates
+`model.json` (model spec, features, preprocessor state, metrics, lineage, and the list of files
+with their sizes and SHA-256) exclusively: a version exists only when its `model.json` does.
+
+An alias is an append-only log, one entry file per promotion or rollback
+(`models/<name>/aliases/<alias>/<seq>.json`), each created exclusively: two promotions at once
+cannot both take the same place in the history, and the one that lost re-reads the alias and is
+gated again against what it points at now.
 """
 
 from __future__ import annotations
 
+import getpass
+import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from dcml.predictor import MODEL_JSON
-from dcml.storage import Storage
+from dcml.storage import Commit, Storage, check_files, read_manifest, require_intact, to_json
 from dcml.train.loop import WEIGHTS
+
+CLAIM = "_claim.json"
 
 
 @dataclass(frozen=True)
@@ -28,68 +39,92 @@ class ModelVersion:
         return f"{self.name}@{self.version}"
 
 
+def who() -> str:
+    """user@host, for claims and the alias history."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _model_folder(storage: Storage, name: str, version: int | str = "") -> str:
+    return storage.path("models", name, str(version))
+
+
 def _versions(storage: Storage, name: str) -> list[int]:
-    found = []
-    for entry in storage.ls(storage.path("models", name)):
-        if entry.isdigit() and storage.exists(storage.path("models", name, entry, MODEL_JSON)):
-            found.append(int(entry))
-    return sorted(found)
+    parent = _model_folder(storage, name)
+    numbers = [int(e) for e in storage.ls(parent) if e.isdigit()]
+    return sorted(n for n in numbers if storage.exists(f"{parent}/{n}/{MODEL_JSON}"))
+
+
+def _claim(storage: Storage, name: str) -> int:
+    """Take the next free version number: the first N above every numbered folder (committed or
+    not) whose claim file this process creates."""
+    parent = _model_folder(storage, name)
+    taken = max([0, *(int(e) for e in storage.ls(parent) if e.isdigit())])
+    for version in range(taken + 1, taken + 1000):
+        try:
+            record = {"by": who(), "at": time.time()}
+            storage.create(f"{parent}/{version}/{CLAIM}", to_json(record).encode())
+            return version
+        except FileExistsError:
+            continue  # another writer took this number; take the next
+    raise RuntimeError(f"could not take a version number under {storage.to_uri(parent)}")
 
 
 def register(
     storage: Storage, name: str, checkpoint_path: str, meta: dict[str, Any]
 ) -> ModelVersion:
     """Copy a checkpoint's weights into a new version with `meta` (spec, preprocessor, lineage)."""
-    parent = storage.path("models", name)
-    storage.fs.makedirs(parent, exist_ok=True)
-    tmp = storage.tmp_dir(parent)
+    if not name or "/" in name or name.startswith((".", "_")):
+        raise ValueError(f"bad model name {name!r}")
+    weights = storage.read_bytes(f"{checkpoint_path}/{WEIGHTS}")
+    version = _claim(storage, name)
+    commit = Commit(storage, _model_folder(storage, name, version), MODEL_JSON, prefix="")
     try:
-        storage.fs.copy(f"{checkpoint_path}/{WEIGHTS}", f"{tmp}/{WEIGHTS}")
-        for _ in range(100):
-            # numbered folders without a marker (a crashed remote commit) still hold their number
-            version = max([0, *(int(e) for e in storage.ls(parent) if e.isdigit())]) + 1
-            full = {**meta, "name": name, "version": version, "created_at": time.time()}
-            storage.write_json(f"{tmp}/{MODEL_JSON}", full)
-            try:
-                storage.commit_dir(tmp, f"{parent}/{version}")
-                break
-            except (FileExistsError, OSError):
-                continue  # another writer took this number; take the next
-        else:
-            raise RuntimeError(f"could not allocate a version number under {parent}")
+        commit.put(WEIGHTS, weights)
+        full = {**meta, "name": name, "version": version, "created_at": time.time()}
+        full = commit.commit(full)
     except BaseException:
-        storage.remove(tmp)
+        commit.abort()  # the number stays claimed: never given to another model
         raise
-    return ModelVersion(name, version, f"{parent}/{version}", full)
+    return ModelVersion(name, version, commit.folder, full)
 
 
 def get_version(storage: Storage, name: str, version: int) -> ModelVersion:
-    path = storage.path("models", name, str(version))
-    if not storage.exists(f"{path}/{MODEL_JSON}"):
+    path = _model_folder(storage, name, version)
+    meta = read_manifest(storage, path, MODEL_JSON)
+    if meta is None:
         raise LookupError(
             f"model {name}@{version} not found; versions: {_versions(storage, name) or 'none'}"
         )
-    return ModelVersion(name, version, path, storage.read_json(f"{path}/{MODEL_JSON}"))
+    return ModelVersion(name, version, path, meta)
 
 
-def _alias_path(storage: Storage, name: str, alias: str) -> str:
-    return storage.path("models", name, "aliases", f"{alias}.json")
+def require_model(storage: Storage, mv: ModelVersion) -> None:
+    """Refuse a damaged version before serving or scoring with it (DamagedError naming each
+    file); model files are small, so their SHA-256 is always checked."""
+    require_intact(storage, mv.path, mv.meta, f"model {mv.ref}", full=True)
 
 
-class PromotionRefused(ValueError):
-    """A promotion that would make an alias's test metric worse (pass force to do it anyway)."""
+def verify_version(storage: Storage, mv: ModelVersion) -> list[str]:
+    """Every problem with a version's files (missing, extra, other sizes or bytes)."""
+    return check_files(storage, mv.path, mv.meta, full=True, extra=True, ignore=(CLAIM, MODEL_JSON))
 
 
-def test_metric(meta: dict[str, Any]) -> tuple[str, str, float | None]:
-    """A version's gating metric: the test-split twin of its training metric, its mode, value."""
-    train = meta.get("config", {}).get("train", {})
-    name = "test_" + str(train.get("metric", "val_roc_auc")).removeprefix("val_")
-    return name, train.get("mode", "max"), meta.get("metrics", {}).get(name)
+# ---- aliases: an append-only log per alias ----
+
+
+def _alias_folder(storage: Storage, name: str, alias: str) -> str:
+    return storage.path("models", name, "aliases", alias)
 
 
 def alias_history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
-    path = _alias_path(storage, name, alias)
-    return storage.read_json(path)["history"] if storage.exists(path) else []
+    """Every promotion and rollback of the alias, oldest first."""
+    folder = _alias_folder(storage, name, alias)
+    entries = sorted(e for e in storage.ls(folder) if e.endswith(".json") and e[:-5].isdigit())
+    return [storage.read_json(f"{folder}/{e}") for e in entries]
 
 
 def _stack(history: list[dict[str, Any]]) -> list[int]:
@@ -103,11 +138,60 @@ def _stack(history: list[dict[str, Any]]) -> list[int]:
     return stack
 
 
-def _write_alias(storage, name, alias, version, history, action) -> None:
-    entry = {"version": version, "action": action, "at": time.time()}
-    storage.write_json(
-        _alias_path(storage, name, alias), {"version": version, "history": [*history, entry]}
-    )
+def _append(storage, name, alias, history, entry) -> bool:
+    """Add the alias's next history entry; False if another writer took that place first."""
+    path = f"{_alias_folder(storage, name, alias)}/{len(history):08d}.json"
+    entry = {**entry, "at": time.time(), "by": who()}
+    try:
+        storage.create(path, to_json(entry).encode())
+        return True
+    except FileExistsError:
+        return False
+
+
+class PromotionRefused(ValueError):
+    """A promotion the gate refuses (pass force to do it anyway)."""
+
+
+def test_metric(meta: dict[str, Any]) -> tuple[str, str, float | None]:
+    """A version's gating metric: the test-split twin of its training metric, its mode, value."""
+    train = meta.get("config", {}).get("train", {})
+    name = "test_" + str(train.get("metric", "val_roc_auc")).removeprefix("val_")
+    return name, train.get("mode", "max"), meta.get("metrics", {}).get(name)
+
+
+def _usable(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def gate(new: ModelVersion, current: ModelVersion | None) -> None:
+    """Refuse a promotion unless the new version's test metric is present, finite and no worse
+    than the current version's (which must be present and finite too)."""
+    metric, mode, value = test_metric(new.meta)
+    if not _usable(value):
+        raise PromotionRefused(
+            f"{new.ref} has no usable {metric} ({value}): not promoted (force to promote anyway)"
+        )
+    if current is None or current.version == new.version:
+        return
+    old_metric, _, old = test_metric(current.meta)
+    if old_metric != metric:
+        raise PromotionRefused(
+            f"{new.ref} is gated on {metric} but {current.ref} on {old_metric}: they cannot be "
+            "compared; not promoted (force to promote anyway)"
+        )
+    ours, theirs = (v.meta.get("lineage", {}).get("dataset") for v in (new, current))
+    note = f" (tested on different datasets: {ours} and {theirs})" if ours != theirs else ""
+    if not _usable(old):
+        raise PromotionRefused(
+            f"{current.ref} has no usable {metric} ({old}) to compare {new.ref} with{note}: "
+            "not promoted (force to promote anyway)"
+        )
+    if value < old if mode == "max" else value > old:
+        raise PromotionRefused(
+            f"{new.ref} has {metric} {value} but {current.ref} has {old}{note}: not promoted "
+            "(force to promote anyway)"
+        )
 
 
 def set_alias(
@@ -115,44 +199,40 @@ def set_alias(
 ) -> int | None:
     """Point `alias` at `version`; returns the version it pointed at before (None if new).
 
-    Gated: a version whose test metric is worse than the alias's current version's is refused
-    (PromotionRefused) unless `force`."""
-    if not alias or alias.isdigit() or alias == "latest" or "/" in alias:
+    Gated (see `gate`) unless `force`, which the history records. A promotion that loses a race
+    with another is gated again against the alias's new version."""
+    if not alias or alias.isdigit() or alias == "latest" or "/" in alias or alias[0] in "._":
         raise ValueError(f"bad alias {alias!r}: use a name such as 'production'")
     new = get_version(storage, name, version)  # must exist
-    history = alias_history(storage, name, alias)
-    current = next(reversed(_stack(history)), None)
-    if current is not None and current != version and not force:
-        metric, mode, old_value = test_metric(get_version(storage, name, current).meta)
-        value = new.meta.get("metrics", {}).get(metric)
-        worse = old_value is not None and (
-            value is None or (value < old_value if mode == "max" else value > old_value)
-        )
-        if worse:
-            raise PromotionRefused(
-                f"{name}@{version} has {metric} {value} but {name}@{alias} (version {current}) "
-                f"has {old_value}: not promoted (force to promote anyway)"
-            )
-    _write_alias(storage, name, alias, version, history, "promote")
-    return current
+    for _ in range(1000):
+        history = alias_history(storage, name, alias)
+        current = next(reversed(_stack(history)), None)
+        if not force:
+            gate(new, None if current is None else get_version(storage, name, current))
+        entry = {"version": version, "action": "promote", "forced": force}
+        if _append(storage, name, alias, history, entry):
+            return current
+    raise RuntimeError(f"could not update {name}@{alias}: too many concurrent changes")
 
 
 def rollback(storage: Storage, name: str, alias: str) -> int:
     """Point `alias` back at the version it pointed at before its latest promotion."""
-    history = alias_history(storage, name, alias)
-    stack = _stack(history)
-    if len(stack) < 2:
-        raise LookupError(f"{name}@{alias} has no earlier version to roll back to")
-    _write_alias(storage, name, alias, stack[-2], history, "rollback")
-    return stack[-2]
+    for _ in range(1000):
+        history = alias_history(storage, name, alias)
+        stack = _stack(history)
+        if len(stack) < 2:
+            raise LookupError(f"{name}@{alias} has no earlier version to roll back to")
+        if _append(storage, name, alias, history, {"version": stack[-2], "action": "rollback"}):
+            return stack[-2]
+    raise RuntimeError(f"could not roll back {name}@{alias}: too many concurrent changes")
 
 
 def aliases(storage: Storage, name: str) -> dict[str, int]:
-    folder = storage.path("models", name, "aliases")
     out = {}
-    for entry in storage.ls(folder):
-        if entry.endswith(".json"):
-            out[entry[: -len(".json")]] = storage.read_json(f"{folder}/{entry}")["version"]
+    for alias in storage.ls(storage.path("models", name, "aliases")):
+        stack = _stack(alias_history(storage, name, alias))
+        if stack:
+            out[alias] = stack[-1]
     return out
 
 
@@ -166,13 +246,13 @@ def resolve_model(storage: Storage, ref: str) -> ModelVersion:
         if not versions:
             raise LookupError(f"no versions of model {name!r} in {storage.uri('models')}")
         return get_version(storage, name, versions[-1])
-    path = _alias_path(storage, name, tag)
-    if not storage.exists(path):
+    stack = _stack(alias_history(storage, name, tag))
+    if not stack:
         raise LookupError(
             f"model {name!r} has no alias {tag!r}; "
             f"aliases: {sorted(aliases(storage, name)) or 'none'}"
         )
-    return get_version(storage, name, storage.read_json(path)["version"])
+    return get_version(storage, name, stack[-1])
 
 
 def list_models(storage: Storage) -> dict[str, list[int]]:

@@ -17,14 +17,13 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from dcml.storage import Storage
+from dcml.storage import RUN_JSON, Storage
 
 if TYPE_CHECKING:  # `dcml report` only looks a report up: it starts without torch and Ray
-    from dcml.data.preprocess import DatasetVersion
+    from dcml.data.catalog import DatasetVersion
     from dcml.registry import ModelVersion
 
 REPORT = "report.html"
-RUN_JSON = "run.json"  # as in dcml.pipeline, which imports this module
 PNG = b"\x89PNG\r\n\x1a\n"
 HISTORY_HIDDEN = ("time",)  # wall-clock stamps: noise in a table
 
@@ -67,7 +66,7 @@ def write_report(
 ) -> str:
     """Write runs/<run_id>/report.html from what the run stored and what the caller passes; its
     URI. The dataset defaults to the one in the run's run.json."""
-    from dcml.data.preprocess import resolve_dataset
+    from dcml.data.catalog import resolve_dataset
 
     run = storage.path("runs", run_id)
     record = _read_json(storage, f"{run}/{RUN_JSON}")
@@ -114,9 +113,10 @@ def _dataset_section(dataset: DatasetVersion | None, ref: str | None) -> str:
     rows = m.get("rows", {})
     cols = m.get("columns", {})
     created = m.get("created_at")
+    fmt = m.get("format")
     facts = [
         ("version", dataset.ref),
-        ("source", f"{m.get('source', '?')} ({len(m.get('files', []))} {m.get('format')} file(s))"),
+        ("source", f"{m.get('source', '?')} ({len(m.get('source_files', []))} {fmt} file(s))"),
         ("task", m.get("task", "?") + (f", classes {m['classes']}" if m.get("classes") else "")),
         ("rows", f"{rows.get('raw', '?')} raw; augmented {rows.get('augmented', 0)}"),
         (

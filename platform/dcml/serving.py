@@ -456,6 +456,11 @@ def serve_args(cfg, model_ref: str) -> dict[str, Any]:
 
 def deploy(cfg, model_ref: str) -> str:
     """Start Serve on the configured host/port, deploy the model, return its base URL."""
+    from dcml.registry import require_model, resolve_model
+    from dcml.storage import Storage
+
+    storage = Storage.from_config(cfg)
+    require_model(storage, resolve_model(storage, model_ref))  # refused here, not in a replica
     level = "WARNING" if cfg.cluster.quiet else "INFO"
     logging.getLogger("ray.serve").setLevel(level)
     serve.start(

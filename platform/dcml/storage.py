@@ -1,24 +1,46 @@
-"""The storage root: datasets, runs and models under one fsspec URI, with atomic commits.
+"""The storage root, and the one commit protocol for everything dcml stores.
 
-A folder is committed by writing it under a temporary name and renaming it into place (one rename on
-a local disk). On object stores, where a "rename" is a copy, the folder's marker file
-(`_manifest.json` for datasets, `model.json` for models) is written last, and readers treat a folder
-without its marker as absent: either way a crash never leaves something that looks whole.
+A stored thing (dataset version, model version, batch predictions, collected or synthetic data) is
+a folder with a manifest. Its writer puts the files under a prefix no other writer uses, then
+creates the manifest, which lists every file with its size and SHA-256, with an exclusive create:
+`os.link` of a finished temporary file on a local disk, a conditional PUT (`If-None-Match: *`) on
+S3, the same "create" mode on any other fsspec filesystem that offers it. A thing exists only when
+its manifest does, and only the files its manifest lists belong to it. Nothing is ever renamed
+(on object stores a rename is a copy, which a crash can leave half done) and nothing committed is
+ever written again. docs/storage.md has the guarantees per backend.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+MANIFEST = "_manifest.json"
+RUN_JSON = "run.json"  # runs/<id>/run.json: the run's dataset and config, created exclusively
+TX_PREFIX = "tx-"  # a writer's own folder: tx-<UTC time>-<random>
+FORMAT = 3  # of manifests that list their files
+# fsspec protocols whose `pipe_file(mode="create")` fails when the path exists: s3fs sends
+# `If-None-Match: *`, gcsfs `ifGenerationMatch=0`; memory:// checks its own dict
+EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "memory"}
+
+
+class DamagedError(RuntimeError):
+    """A committed thing whose files do not match its manifest; the message names each file."""
+
 
 class Storage:
+    """An fsspec URI and its options. Pickles as (URI, options), so the same handle travels to Ray
+    workers, replicas and tasks."""
+
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
         self.options = dict(storage_options or {})
         self.fs, path = fsspec.core.url_to_fs(root, **self.options)
@@ -26,6 +48,9 @@ class Storage:
         if self.is_local:
             path = os.path.abspath(os.path.expanduser(path))
         self.root = path.rstrip("/")
+
+    def __reduce__(self):
+        return (Storage, (self.uri(), self.options))
 
     @classmethod
     def from_config(cls, cfg) -> Storage:
@@ -49,67 +74,235 @@ class Storage:
             return None
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
+    # Listings go to the store every time: s3fs and gcsfs cache them per process, and other
+    # writers' files appear without this process knowing.
     def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
     def ls(self, path: str) -> list[str]:
         """Names of the entries directly under path; empty if it does not exist."""
-        if not self.fs.exists(path):
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Every file under folder (recursively), by path relative to it: its size in bytes."""
+        self.fs.invalidate_cache(folder)
+        try:
+            found = self.fs.find(folder, detail=True)
+        except FileNotFoundError:
+            return {}
+        base = folder.rstrip("/") + "/"
+        return {p[len(base) :]: int(i["size"]) for p, i in found.items() if p.startswith(base)}
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
 
     def read_json(self, path: str) -> dict[str, Any]:
-        with self.fs.open(path, "r") as f:
-            return json.load(f)
+        return json.loads(self.read_bytes(path))
 
-    def write_json(self, path: str, obj: Any) -> None:
-        self.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-    def write_text(self, path: str, text: str) -> None:
-        """Write so that readers see the old file or the new one, never a part."""
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """A plain write, for files under a prefix that only this writer uses."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_text(path, to_json(obj))
+
+    def write_text(self, path: str, text: str) -> None:
+        """Replace a file so that readers see the old one or the new one, never a part: for a
+        run's own derived outputs (report, history), which only that run writes."""
+        data = text.encode()
+        if self.is_local:
+            tmp = self._local_tmp(path, data)
             os.replace(tmp, path)
         else:
-            with self.fs.open(path, "w", encoding="utf-8") as f:  # one PUT: atomic on object stores
-                f.write(text)
+            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
-    def tmp_dir(self, parent: str) -> str:
-        path = f"{parent}/.tmp-{uuid.uuid4().hex[:12]}"
-        self.fs.makedirs(path, exist_ok=True)
-        return path
-
-    def commit_dir(self, tmp: str, final: str) -> None:
-        """Move a finished temporary folder to its final name; refuses to replace anything."""
-        if self.fs.exists(final):
-            raise FileExistsError(f"{final} already exists; stored data is never overwritten")
+    def create(self, path: str, data: bytes) -> None:
+        """Write a new file whole, or raise FileExistsError if the path exists: the one step of
+        the protocol that two writers can race on, and exactly one wins."""
         if self.is_local:
-            os.rename(tmp, final)
-        else:  # object stores: copy file by file (s3fs's recursive mv trips on folder keys)
-            sources = self.fs.find(tmp)
-            targets = [final + src[len(tmp) :] for src in sources]
-            if sources:
-                self.fs.copy(sources, targets)
-            self.fs.rm(tmp, recursive=True)
+            tmp = self._local_tmp(path, data)
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists
+            finally:
+                os.unlink(tmp)
+            return
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if not EXCLUSIVE_CREATE & set(protocols):  # a write that may silently overwrite
+            raise NotImplementedError(
+                f"{self.to_uri(path)}: dcml commits by exclusive create, which it uses on "
+                f"{', '.join(sorted(EXCLUSIVE_CREATE))} only (see docs/storage.md)"
+            )
+        self.fs.pipe_file(path, data, mode="create")
 
-    def commit_with_marker(self, tmp: str, final: str, marker: str, obj: Any) -> None:
-        """Commit a folder whose marker file says it is complete.
-
-        Locally the marker goes in before the one rename; on object stores, where the move is a
-        copy, it is written after the move, so a half-copied folder never has one.
-        """
-        if self.is_local:
-            self.write_json(f"{tmp}/{marker}", obj)
-            self.commit_dir(tmp, final)
-        else:
-            self.commit_dir(tmp, final)
-            self.write_json(f"{final}/{marker}", obj)
+    def _local_tmp(self, path: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
     def remove(self, path: str) -> None:
-        if self.fs.exists(path):
+        try:
             self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def new_tx() -> str:
+    """A writer's own prefix; the UTC time in it lets `dcml gc` tell abandoned ones by age."""
+    return f"{TX_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+
+
+def tx_age_s(name: str, now: float | None = None) -> float | None:
+    """Seconds since a writer's prefix was started; None if `name` is not one."""
+    if not name.startswith(TX_PREFIX):
+        return None
+    try:
+        started = time.strptime(name[len(TX_PREFIX) :].split("-")[0], "%Y%m%dT%H%M%S")
+    except ValueError:
+        return None
+    return (now or time.time()) - _timegm(started)
+
+
+def _timegm(t: time.struct_time) -> float:
+    import calendar
+
+    return float(calendar.timegm(t))
+
+
+def file_entry(path: str, data: bytes) -> dict[str, Any]:
+    return {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass
+class Commit:
+    """One writer of one stored thing: files under `folder/prefix/`, then the manifest.
+
+    `prefix` is this writer's own (a new `tx-...` by default); "" for a folder the writer has
+    claimed for itself (a model version number). `marker` is the manifest's file name."""
+
+    storage: Storage
+    folder: str
+    marker: str = MANIFEST
+    prefix: str = field(default_factory=new_tx)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        """Where this writer's files go."""
+        return f"{self.folder}/{self.prefix}" if self.prefix else self.folder
+
+    def relative(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes) -> str:
+        """Write one file (name relative to this writer's prefix); its full path."""
+        path = f"{self.base}/{name}"
+        self.storage.write_bytes(path, data)
+        self.files.append(file_entry(self.relative(name), data))
+        return path
+
+    def add(self, entries: list[dict[str, Any]]) -> None:
+        """Files written elsewhere (Ray tasks): entries from `file_entry`, paths relative to the
+        prefix."""
+        self.files += [{**e, "path": self.relative(e["path"])} for e in entries]
+
+    def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Create the manifest: from here on the thing exists. FileExistsError if another writer
+        committed this folder first (this writer's files are then left for `abort`)."""
+        manifest = {
+            **meta,
+            "manifest_format": FORMAT,
+            "prefix": self.prefix,
+            "files": sorted(self.files, key=lambda e: e["path"]),
+            "committed_at": time.time(),
+        }
+        self.storage.create(f"{self.folder}/{self.marker}", to_json(manifest).encode())
+        return manifest
+
+    def abort(self) -> None:
+        """Remove this writer's files (never another writer's, never a manifest)."""
+        if self.prefix:
+            self.storage.remove(self.base)
+        else:
+            for e in self.files:
+                self.storage.remove(f"{self.folder}/{e['path']}")
+
+
+def lists_files(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest lists its files (written by this protocol, not an older dcml)."""
+    return manifest.get("manifest_format", 0) >= FORMAT
+
+
+def read_manifest(storage: Storage, folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(f"{folder}/{marker}")
+    except FileNotFoundError:
+        return None
+
+
+def check_files(
+    storage: Storage,
+    folder: str,
+    manifest: dict[str, Any],
+    full: bool = False,
+    extra: bool = False,
+    ignore: tuple[str, ...] = (),
+) -> list[str]:
+    """What is wrong with a committed thing's files, one line per file: missing, another size,
+    (`full`) other bytes, (`extra`) files in its prefix that the manifest does not list."""
+    if not lists_files(manifest):
+        return [f"{storage.to_uri(folder)}: stored without a file list (before dcml's manifests)"]
+    found = storage.sizes(folder)
+    problems = []
+    for e in manifest["files"]:
+        path = f"{folder}/{e['path']}"
+        size = found.get(e["path"])
+        if size is None:
+            problems.append(f"missing: {storage.to_uri(path)}")
+        elif size != e["bytes"]:
+            problems.append(
+                f"altered: {storage.to_uri(path)} has {size} bytes, the manifest {e['bytes']}"
+            )
+        elif full and hashlib.sha256(storage.read_bytes(path)).hexdigest() != e["sha256"]:
+            problems.append(f"altered: {storage.to_uri(path)} (SHA-256 differs from the manifest)")
+    if extra:
+        listed = {e["path"] for e in manifest["files"]}
+        prefix = manifest.get("prefix") or ""
+        own = [p for p in found if p.startswith(f"{prefix}/")] if prefix else list(found)
+        for p in sorted(own):
+            if p not in listed and p.rsplit("/", 1)[-1] not in ignore:
+                problems.append(f"extra: {storage.to_uri(f'{folder}/{p}')}")
+    return problems
+
+
+def require_intact(
+    storage: Storage, folder: str, manifest: dict[str, Any], what: str, full: bool = False
+) -> None:
+    """Refuse a damaged thing before it is used: DamagedError naming each bad file. (A thing
+    stored before manifests listed their files has nothing to check against.)"""
+    if not lists_files(manifest):
+        return
+    problems = check_files(storage, folder, manifest, full=full)
+    if problems:
+        raise DamagedError(
+            f"{what} is damaged; not using it (`dcml gc` and a rerun, or restore the files):\n  "
+            + "\n  ".join(problems)
+        )

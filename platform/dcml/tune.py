@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcml.config import PipelineConfig, parse_config
-from dcml.data.preprocess import DatasetVersion
+from dcml.data.catalog import DatasetVersion
 from dcml.storage import Storage
 from dcml.train.loop import META
 from dcml.train.trainer import PBT_STEP

@@ -1,8 +1,10 @@
 """The preprocess stage: raw shards -> cleaned, split, transformed, gated, versioned dataset.
 
-A dataset version is `datasets/<name>/<version>/` holding `<split>/*.parquet` and `_manifest.json`.
-The version is the fingerprint of the inputs (file listing and checksums) and the data config, so a
-re-run with the same inputs finds the existing version instead of redoing the work.
+A dataset version is `datasets/<name>/<version>/` holding `_manifest.json` and, under the prefix of
+the writer that committed it, `<split>/*.parquet` (see dcml.storage for the commit protocol). The
+version is the fingerprint of the inputs' bytes and the data config, so a re-run with the same
+inputs finds the existing version instead of redoing the work, and concurrent runs of one config
+converge on one version: the first manifest wins, the others drop their own files and use it.
 
 Passes over the data, all on Ray Data: read and clean each file (one task per file); count drops and
 labels; find duplicates (group by row hash); keep the good rows; fit the transforms on the training
@@ -15,7 +17,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,41 +27,18 @@ import ray.data
 from ray.data.expressions import col
 
 from dcml.config import PipelineConfig
+from dcml.data.catalog import DatasetVersion, dataset_folder, find_version
 from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows, order_keys
 from dcml.data.columns import Columns, class_key, infer_columns
 from dcml.data.errors import DataError, find_data_error
 from dcml.data.gate import GateSpec, merge_stats, run_gate
 from dcml.data.sources import collect_bundled, in_process, read_schema, resolve_files
 from dcml.data.split import SPLITS
-from dcml.data.transforms import Preprocessor, fit_preprocessor, json_partials
+from dcml.data.transforms import fit_preprocessor, json_partials
 from dcml.data.write import ShardTask, content_hash
-from dcml.storage import Storage
+from dcml.storage import Commit, Storage
 
-MANIFEST = "_manifest.json"
-FORMAT = 2  # of the stored layout; part of the fingerprint
-
-
-@dataclass(frozen=True)
-class DatasetVersion:
-    name: str
-    version: str
-    path: str  # fsspec path of the version folder
-    manifest: dict[str, Any]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def features(self) -> list[str]:
-        return self.manifest["features"]
-
-    @property
-    def preprocessor(self) -> Preprocessor:
-        return Preprocessor.from_json(self.manifest["preprocessor"])
-
-    def split_path(self, split: str) -> str:
-        return f"{self.path}/{split}"
+FORMAT = 3  # of the stored layout; part of the fingerprint
 
 
 def preprocess(cfg: PipelineConfig, storage: Storage, log=print) -> DatasetVersion:
@@ -134,26 +113,19 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
     features = pre.output_features
     log(f"fitted transforms ({len(features)} model inputs) in {time.time() - t0:.1f}s")
 
-    parent = storage.path("datasets", d.name)
-    final = f"{parent}/{version}"
-    if storage.exists(final):  # debris of a crashed commit: no manifest, so not a version
-        log(f"removing {storage.to_uri(final)}: an incomplete earlier write")
-        storage.remove(final)
-    storage.fs.makedirs(parent, exist_ok=True)
+    final = dataset_folder(storage, d.name, version)
     spec = GateSpec(features, cols.task, len(classes or []), files, d.gate)
     train_counts = [labels["train"].get(class_key(c), 0) for c in classes or []]
     written: dict[str, Any] = {}
 
     def check_round(repair: str | None) -> dict:
-        """Transform, check and write every block into a fresh temporary folder."""
+        """Transform, check and write every block under a new prefix of this writer's own."""
         if written:
-            storage.remove(written["folder"])
-        tmp = storage.tmp_dir(parent)
-        for split in SPLITS:
-            storage.fs.makedirs(f"{tmp}/{split}", exist_ok=True)
+            written["commit"].abort()
+        commit = Commit(storage, final)
         task = ShardTask(
-            storage.fs,
-            tmp,
+            storage,
+            commit.base,
             keep,
             pre,
             spec,
@@ -163,9 +135,13 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             d.split["train"],
             cfg.seed,
         )
-        written["folder"] = tmp
+        written["commit"] = commit
         parts = json_partials(cleaned, task)
-        written["shards"] = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["name"])
+        shards = [s for p in parts for s in p["shards"]]
+        commit.add([{k: s[k] for k in ("bytes", "sha256")} | {"path": s["name"]} for s in shards])
+        for s in shards:  # names relative to the version folder, as the manifest lists them
+            s["name"] = commit.relative(s["name"])
+        written["shards"] = sorted(shards, key=lambda s: s["name"])
         return merge_stats(spec, [p["stats"] for p in parts if p["stats"]])
 
     try:
@@ -177,11 +153,11 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             "name": d.name,
             "version": version,
             "fingerprint": fingerprint,
-            "content_hash": content_hash(shards),
+            "content_hash": content_hash(shards, written["commit"].prefix),
             "created_at": time.time(),
             "source": d.source,
             "format": fmt,
-            "files": files,
+            "source_files": files,
             "task": cols.task,
             "label": "label",
             "id_column": "id",
@@ -189,7 +165,7 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             "class_counts": totals["classes"] if classes else None,  # before augmentation
             "columns": cols.to_json(),
             "features": features,
-            "schema": _schema(storage, written["folder"], shards),
+            "schema": _schema(storage, final, shards),
             "rows": {
                 "raw": n_raw,
                 "dropped": {**dropped, "gate_repair": report.dropped_rows},
@@ -201,10 +177,17 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             "gate": report.to_json(),
             "config": {"seed": cfg.seed, "data": _data_config(cfg)},
         }
-        storage.commit_with_marker(written["folder"], final, MANIFEST, manifest)
+        manifest = written["commit"].commit(manifest)
+    except FileExistsError:  # a concurrent run of the same inputs and config committed first
+        written["commit"].abort()
+        theirs = find_version(storage, d.name, version)
+        if theirs is None:
+            raise
+        log(f"dataset {theirs.ref} was committed by another run meanwhile; using it")
+        return theirs
     except BaseException:
         if written:
-            storage.remove(written["folder"])
+            written["commit"].abort()
         raise
     log(
         f"stored dataset {d.name}@{version} in {time.time() - t0:.1f}s: "
@@ -304,8 +287,12 @@ def _data_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _fingerprint(cfg: PipelineConfig, fs, files: list[str]) -> str:
+    """SHA-256 over the inputs' bytes (their names relative to the source, so the same files
+    under another path or URI are the same inputs), the data config and the seed."""
+    with ThreadPoolExecutor(8) as pool:  # object stores: reads overlap
+        digests = list(pool.map(lambda f: _file_sha256(fs, f), files))
     inputs = {
-        "files": [[f, fs.checksum(f)] for f in files],
+        "files": [[f.rsplit("/", 1)[-1], h] for f, h in zip(files, digests, strict=True)],
         "data": _data_config(cfg),
         "seed": cfg.seed,
         "format": FORMAT,
@@ -313,43 +300,9 @@ def _fingerprint(cfg: PipelineConfig, fs, files: list[str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def find_version(storage: Storage, name: str, version: str) -> DatasetVersion | None:
-    path = storage.path("datasets", name, version)
-    if not storage.exists(f"{path}/{MANIFEST}"):
-        return None
-    return DatasetVersion(name, version, path, storage.read_json(f"{path}/{MANIFEST}"))
-
-
-def list_versions(storage: Storage, name: str) -> list[DatasetVersion]:
-    found = [find_version(storage, name, v) for v in storage.ls(storage.path("datasets", name))]
-    return sorted((v for v in found if v), key=lambda v: v.manifest["created_at"])
-
-
-def resolve_dataset(storage: Storage, ref: str) -> DatasetVersion:
-    """'name', 'name@latest' or 'name@<version>' -> the committed dataset version."""
-    name, _, version = ref.partition("@")
-    if version in ("", "latest"):
-        versions = list_versions(storage, name)
-        if not versions:
-            raise LookupError(
-                f"no committed versions of dataset {name!r} in {storage.uri('datasets')}"
-            )
-        return versions[-1]
-    found = find_version(storage, name, version)
-    if found is None:
-        known = [v.version for v in list_versions(storage, name)]
-        raise LookupError(f"dataset {name}@{version} not found; versions: {known or 'none'}")
-    return found
-
-
-def read_split_numpy(
-    storage: Storage, dv: DatasetVersion, split: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, X, y) of one split, read with plain pyarrow: for evaluation on the driver."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(
-        dv.split_path(split), filesystem=storage.arrow_fs(), format="parquet"
-    ).to_table()
-    x = np.stack([table.column(c).to_numpy() for c in dv.manifest["features"]], axis=1)
-    return table.column("id").to_numpy(), x.astype(np.float32), table.column("label").to_numpy()
+def _file_sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()

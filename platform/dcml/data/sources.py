@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dcml.data.errors import DataError
-from dcml.storage import Storage
+from dcml.storage import MANIFEST, TX_PREFIX, Commit, Storage, lists_files, read_manifest
 
 BUNDLED = {"breast_cancer"}
 SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "json": (".json", ".jsonl")}
@@ -42,21 +42,21 @@ def collect_bundled(storage: Storage, name: str, shards: int) -> str:
     if name not in BUNDLED:
         raise DataError(f"unknown bundled data set {name!r}; bundled: {', '.join(sorted(BUNDLED))}")
     final = storage.path("raw", name)
-    if not storage.exists(final):
+    if read_manifest(storage, final) is None:
         table = breast_cancer_table()
-        parent = storage.path("raw")
-        storage.fs.makedirs(parent, exist_ok=True)
-        tmp = storage.tmp_dir(parent)
+        commit = Commit(storage, final)
         bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
-        for i in range(shards):
-            buf = io.BytesIO()
-            pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), buf)
-            with storage.fs.open(f"{tmp}/part-{i:05d}.parquet", "wb") as f:
-                f.write(buf.getvalue())
         try:
-            storage.commit_dir(tmp, final)
+            for i in range(shards):
+                buf = io.BytesIO()
+                pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), buf)
+                commit.put(f"part-{i:05d}.parquet", buf.getvalue())
+            commit.commit({"kind": "raw", "source": f"bundled:{name}"})
         except FileExistsError:  # another process collected it first: theirs is as good
-            storage.remove(tmp)
+            commit.abort()
+        except BaseException:
+            commit.abort()
+            raise
     return storage.to_uri(final)
 
 
@@ -77,16 +77,19 @@ def resolve_files(
     except (ImportError, ValueError) as e:
         raise DataError(f"{uri}: cannot open this location: {e}") from e
     if any(ch in path for ch in "*?["):
-        files = fs.glob(path)
+        base = path[: min(path.find(ch) % (len(path) + 1) for ch in "*?[")].rsplit("/", 1)[0]
+        files = [f for f in fs.glob(path) if _visible(f, base)]
     elif fs.isdir(path):
-        files = [p for p in fs.find(path) if fmt != "auto" or format_of(p)]
+        files = _folder_files(fs, path.rstrip("/"), uri)
         if fmt != "auto":
             files = [p for p in files if format_of(p) in (fmt, None)]
+        else:
+            files = [p for p in files if format_of(p)]
     elif fs.exists(path):
         files = [path]
     else:
         raise DataError(f"raw data not found: {uri}")
-    files = sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith((".", "_")))
+    files = sorted(files)
     if not isinstance(fs, LocalFileSystem):  # full URIs: for messages, and fs.open takes them
         files = [fs.unstrip_protocol(f) for f in files]
     if not files:
@@ -100,6 +103,31 @@ def resolve_files(
             )
         fmt = found.pop()
     return fs, files, fmt
+
+
+def _visible(path: str, base: str) -> bool:
+    """Whether no part of path below base starts with '.' or '_': temporary folders, crash
+    debris and markers (`.tmp-*`, `_temporary/`, `_SUCCESS`, `_manifest.json`) are not data."""
+    rel = path[len(base) :].strip("/") if path.startswith(base) else path.rsplit("/", 1)[-1]
+    return not any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _folder_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:
+    """A folder's data files: the ones its manifest lists if it is something dcml committed,
+    else every visible file under it."""
+    try:
+        manifest = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+    except FileNotFoundError:
+        manifest = None
+    if manifest is not None and lists_files(manifest):
+        return [f"{path}/{e['path']}" for e in manifest["files"]]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if any(n.startswith(TX_PREFIX) for n in names):
+        raise DataError(
+            f"{uri} holds files of a dcml write that was never committed (a {TX_PREFIX}* folder "
+            f"and no {MANIFEST}); rerun the command that writes it, or `dcml gc`"
+        )
+    return [p for p in fs.find(path) if _visible(p, path)]
 
 
 def in_process(fs: fsspec.AbstractFileSystem) -> bool:

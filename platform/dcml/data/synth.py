@@ -7,6 +7,7 @@ that cleaning is for: missing values, outliers, missing labels and duplicated ro
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dcml.storage import Storage
+from dcml.storage import Commit, Storage, file_entry, read_manifest
 
 COLORS = ["red", "green", "blue", "black", "white"]
 REGIONS = [f"r{i:02d}" for i in range(20)]
@@ -75,23 +76,21 @@ def write_synth(
     if fmt not in SUFFIX:
         raise ValueError(f"format must be one of {sorted(SUFFIX)}, not {fmt!r}")
     out = Storage(out_uri, storage_options)
-    if out.exists(out.root):
+    if read_manifest(out, out.root) is not None:
         raise FileExistsError(f"{out_uri} exists; synthetic data never overwrites anything")
-    parent = out.root.rsplit("/", 1)[0]
-    out.fs.makedirs(parent, exist_ok=True)
-    tmp = out.tmp_dir(parent)
+    commit = Commit(out, out.root)
     bounds = np.linspace(0, rows, shards + 1).astype(np.int64)
 
     def write(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = []
+        entries = []
         for shard in batch["id"]:
             shard = int(shard)
             lo, hi = int(bounds[shard]), int(bounds[shard + 1])
             name = f"part-{shard:05d}.{SUFFIX[fmt]}"
-            with out.fs.open(f"{tmp}/{name}", "wb") as f:
-                f.write(encode(synth_table(hi - lo, shard, lo, seed), fmt))
-            names.append(name)
-        return {"name": np.array(names)}
+            data = encode(synth_table(hi - lo, shard, lo, seed), fmt)
+            out.write_bytes(f"{commit.base}/{name}", data)
+            entries.append(json.dumps(file_entry(name, data)))
+        return {"entry": np.array(entries)}
 
     try:
         written = (
@@ -99,8 +98,9 @@ def write_synth(
             .map_batches(write, batch_size=1)
             .take_all()
         )
-        out.commit_dir(tmp, out.root)
+        commit.add([json.loads(w["entry"]) for w in written])
+        commit.commit({"kind": "synthetic", "rows": rows, "format": fmt, "seed": seed})
     except BaseException:
-        out.remove(tmp)
+        commit.abort()
         raise
-    return sorted(out.to_uri(f"{out.root}/{w['name']}") for w in written)
+    return sorted(out.to_uri(f"{out.root}/{e['path']}") for e in commit.files)

@@ -32,8 +32,8 @@ from dcml.data.transforms import Preprocessor
 class ShardTask:
     """One pass per block of cleaned rows: keep, transform, (repair), gate statistics, write."""
 
-    fs: Any
-    folder: str
+    storage: Any  # dcml.storage.Storage
+    folder: str  # this writer's prefix in the version folder
     keep: Callable[[pa.Table], pa.Table]  # drops marked rows and duplicates, encodes the label
     pre: Preprocessor
     spec: GateSpec
@@ -63,8 +63,7 @@ class ShardTask:
             pq.write_table(part.select(["id", "label", *self.spec.features]), buf)
             data = buf.getvalue()
             name = f"{split}/part-{file0:05d}-{row0:09d}.parquet"
-            with self.fs.open(f"{self.folder}/{name}", "wb") as f:
-                f.write(data)
+            self.storage.write_bytes(f"{self.folder}/{name}", data)
             shards.append(
                 {
                     "split": split,
@@ -112,9 +111,10 @@ class ShardTask:
         return part
 
 
-def content_hash(shards: list[dict]) -> str:
-    """One SHA-256 over every shard's name and SHA-256: equal hashes, equal data."""
+def content_hash(shards: list[dict], prefix: str = "") -> str:
+    """One SHA-256 over every shard's name (below the writer's prefix) and SHA-256: equal
+    hashes, equal data, whichever writer stored it."""
     h = hashlib.sha256()
     for s in sorted(shards, key=lambda s: s["name"]):
-        h.update(f"{s['name']} {s['sha256']}\n".encode())
+        h.update(f"{s['name'].removeprefix(prefix + '/')} {s['sha256']}\n".encode())
     return h.hexdigest()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from dcml.config import PipelineConfig
-from dcml.data.preprocess import DatasetVersion, read_split_numpy
+from dcml.data.catalog import DatasetVersion, read_split_numpy
 from dcml.storage import Storage
 from dcml.train.loop import (
     HISTORY,
@@ -387,9 +387,7 @@ def split_tables(storage: Storage, dataset: DatasetVersion, split: str) -> list:
     """A stored split's shards as pyarrow tables, in file order (the names hold the split)."""
     import pyarrow.parquet as pq
 
-    shards = [s for s in dataset.manifest["shards"] if s["split"] == split]
-    files = sorted(f"{dataset.path}/{s['name']}" for s in shards)
-    return [pq.read_table(f, filesystem=storage.fs) for f in files]
+    return [pq.read_table(f, filesystem=storage.fs) for f in dataset.shard_paths(split)]
 
 
 def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
@@ -402,12 +400,28 @@ def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
     """
     import ray.data
 
-    shards = [s for s in dataset.manifest["shards"] if s["split"] == split]
-    if sum(s["bytes"] for s in shards) <= SMALL_SPLIT_BYTES:
+    if sum(s["bytes"] for s in dataset.shards(split)) <= SMALL_SPLIT_BYTES:
         return ray.data.from_arrow(split_tables(storage, dataset, split))
-    ds = ray.data.read_parquet(dataset.split_path(split), filesystem=storage.arrow_fs())
+    ds = ray.data.read_parquet(dataset.shard_paths(split), filesystem=storage.arrow_fs())
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
+
+
+def balanced_weights(manifest: dict[str, Any]) -> list[float] | None:
+    """Inverse class frequency over the whole training split (classification)."""
+    if not manifest.get("class_counts"):
+        return None
+    counts = np.asarray(manifest["class_counts"]["train"], dtype=np.float64)
+    return (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
+
+
+def loss_of(cfg: PipelineConfig, manifest: dict[str, Any], device=None):
+    """The training loss of a run (its class weights included), for validation and test."""
+    task = manifest["task"]
+    weights = None
+    if cfg.train.class_weights == "balanced" and task != "regression":
+        weights = balanced_weights(manifest)
+    return make_loss(task, cfg.train.loss, weights, device)
 
 
 def loop_config(
@@ -420,17 +434,13 @@ def loop_config(
     """What `train_func` needs besides its session: config, features, task, class weights, the
     fine-tuning source (checked here, in the driver)."""
     m = dataset.manifest
-    class_weights = None
-    if m.get("class_counts"):  # inverse frequency over the whole training split
-        counts = np.asarray(m["class_counts"]["train"], dtype=np.float64)
-        class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
     spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
     return {
         "cfg": cfg.model_dump(),
         "features": m["features"],
         "task": m["task"],
         "classes": m["classes"],
-        "class_weights": class_weights,
+        "class_weights": balanced_weights(m),
         "epochs": epochs,
         "progress": progress,
         "init_path": fine_tune_source(cfg, storage, m["features"], spec),
