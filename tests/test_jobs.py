@@ -4,6 +4,7 @@ with `ray job logs`, outputs checked in storage; a node killed mid-training, and
 submitting the job again; `serve deploy` of the Serve config file through the head's dashboard."""
 
 import csv
+import functools
 import io
 import os
 import re
@@ -21,7 +22,7 @@ from dcml.jobs import submit_entrypoint
 from dcml.storage import Storage
 
 from .conftest import REPO, free_port, moto_s3, register_tiny_model
-from .ray_nodes import BIN, ENV, Head, add_worker, wait_for_nodes
+from .ray_nodes import BIN, ENV, Head, Worker, add_worker, wait_until_gone
 
 # with the session's Ray running beside the head, as in the full suite (they must not collide)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -32,16 +33,23 @@ def cluster(tmp_path_factory):
     """Two nodes on loopback: a head and a worker node, one CPU each, so that work spreads."""
     tmp = tmp_path_factory.mktemp("cluster")
     head = Head(tmp, num_cpus=1)
+    # every node started, for the teardown (`worker` is the worker node of the moment)
     nodes: list = [head]
     try:
-        nodes.append(add_worker(tmp, head, num_cpus=1, name="worker-1", count=2))
+        nodes.append(Worker(tmp, head, num_cpus=1, name="worker-1-0"))
         # the dashboard answers before the head's job agent runs: wait until a job goes through
+        # (while the worker node starts)
         client = JobSubmissionClient(head.address)
         wait_job(client, submit_entrypoint(client, "python -c pass", {}, wait_s=120), 240)
-        yield SimpleNamespace(head=head, nodes=nodes, tmp=tmp, client=client)
+        worker = add_worker(tmp, head, num_cpus=1, name="worker-1", started=nodes[-1])
+        if worker is not nodes[-1]:  # it failed to join, and another took its place
+            nodes.append(worker)
+        yield SimpleNamespace(head=head, worker=worker, nodes=nodes, tmp=tmp, client=client)
     finally:
         for node in reversed(nodes):
             node.kill()  # a clean stop takes ~25 s and there is nothing to keep
+        for node in nodes:
+            node.remove_files()
 
 
 def wait_job(client, job: str, timeout: float = 600) -> tuple[JobStatus, str]:
@@ -79,7 +87,9 @@ def s3_store():
 
 @pytest.fixture(scope="module")
 def preprocess_job(cluster, s3_store) -> str:
-    """The preprocess stage submitted with the `ray job submit` CLI, as the README shows."""
+    """The preprocess stage submitted with the `ray job submit` CLI, as the README shows: the
+    module's one job with the whole runtime env, `pip` list included (Ray builds its environment
+    on each node the job runs on: both)."""
     submitted = ray_cli(
         "job",
         "submit",
@@ -143,6 +153,8 @@ def nodes_of(cluster, job: str, kind: str, name: str = "") -> set[str]:
     from ray.util.state import list_actors, list_tasks
 
     ray_job = cluster.client.get_job_info(job).job_id
+    if ray_job is None:  # its driver has not started yet
+        return set()
     if kind == "actor":
         found = list_actors(
             address=cluster.head.address,
@@ -159,13 +171,37 @@ def nodes_of(cluster, job: str, kind: str, name: str = "") -> set[str]:
     return {x.node_id for x in found if x.node_id}
 
 
+def wait_until(cluster, job: str, done, timeout: float = 300) -> None:
+    """Poll `done()` while the job runs, until it returns True."""
+    deadline = time.time() + timeout
+    while not done():
+        status = cluster.client.get_job_status(job)
+        running = status in (JobStatus.PENDING, JobStatus.RUNNING)
+        assert running and time.time() < deadline, cluster.client.get_job_logs(job)[-3000:]
+        time.sleep(0.5)
+
+
 def epochs_in_history(store, run_id: str) -> list[int]:
     with store.storage.fs.open(store.storage.path("runs", run_id, "history.csv")) as f:
         return [int(float(r["epoch"])) for r in csv.DictReader(io.TextIOWrapper(f))]
 
 
+@pytest.fixture
+def submit_without_pip(monkeypatch, tmp_path):
+    """`dcml submit` with jobs/runtime_env.yaml less its `pip` list: the test nodes' Python has
+    dcml's dependencies already, and the `ray job submit` job above proves that Ray builds that
+    list's environment on each node (dcml itself still travels with the job, a py_module)."""
+    import dcml.jobs
+
+    env = yaml.safe_load(dcml.jobs.RUNTIME_ENV.read_text())
+    assert env.pop("pip")
+    path = tmp_path / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(env))
+    monkeypatch.setattr(dcml.jobs, "runtime_env", functools.partial(dcml.jobs.runtime_env, path))
+
+
 def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_when_resubmitted(
-    cluster, s3_store, preprocess_job, capsys
+    cluster, s3_store, preprocess_job, submit_without_pip, capsys
 ):
     sets = [f for o in s3_store.overrides for f in ("--set", o)]
     # max_failures=0: the job fails when its node goes (with retries, Ray Train would wait for
@@ -177,18 +213,22 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     args = ["--stage", "train", "--run-id", "lost-node", *sets]
     job, out = dcml_submit(cluster, capsys, *args)
     assert "train lost-node: if the job dies, the same command with --run-id lost-node" in out
-    deadline = time.time() + 300
-    while "epoch 2/8" not in cluster.client.get_job_logs(job):
-        assert time.time() < deadline, cluster.client.get_job_logs(job)[-3000:]
-        time.sleep(0.5)
-    assert len(nodes_of(cluster, job, "actor", "RayTrainWorker")) == 2  # one worker per node
-    lost = cluster.nodes.pop()
+    assert "pip" not in cluster.client.get_job_info(job).runtime_env
+    wait_until(cluster, job, lambda: "epoch 2/8" in cluster.client.get_job_logs(job))
+    # one DDP worker on each node
+    ddp_nodes = nodes_of(cluster, job, "actor", "RayTrainWorker")
+    assert ddp_nodes == {cluster.head.node_id, cluster.worker.node_id}
+    lost = cluster.worker
     lost.kill()  # the machine is gone: no clean shutdown
+    # a new node starts at once, and joins while the job fails and the cluster sees the node go
+    cluster.nodes.append(spare := Worker(cluster.tmp, cluster.head, 1, "worker-2-0"))
     status, logs = wait_job(cluster.client, job)
     assert status == JobStatus.FAILED, logs[-3000:]
 
-    wait_for_nodes(cluster.head, 1)  # the cluster has seen the node go
-    cluster.nodes.append(add_worker(cluster.tmp, cluster.head, 1, "worker-2", count=2))
+    wait_until_gone(cluster.head, lost.node_id)  # the cluster has seen the node go
+    cluster.worker = add_worker(cluster.tmp, cluster.head, 1, "worker-2", started=spare)
+    if cluster.worker is not spare:  # it failed to join, and another took its place
+        cluster.nodes.append(cluster.worker)
     # the same submission again: the stored run goes on from its last checkpoint
     job, _ = dcml_submit(cluster, capsys, *args)
     status, logs = wait_job(cluster.client, job)
@@ -198,6 +238,8 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     assert epochs_in_history(s3_store, "lost-node") == list(range(8))
     models = s3_store.storage.path("models", "breast_cancer")
     assert "1" in s3_store.storage.ls(models)  # registered, on S3
+    # dcml came with the job (a py_module) here too
+    assert "runtime_resources" in re.search(r"\[dcml\] job: train with dcml from (\S+)", logs)[1]
 
 
 def serve_cli(cluster, *args: str) -> subprocess.CompletedProcess:
@@ -239,7 +281,7 @@ def test_serve_deploy_runs_the_config_file_on_the_cluster(cluster, s3_store, tmp
                 r = requests.post(url, json={"x": 1.0, "color": "red"}, timeout=10)
                 if r.status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a slow cold start
                 pass
             assert time.time() < deadline, serve_cli(cluster, "status").stdout[-3000:]
             time.sleep(1)
