@@ -23,17 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 
 from dcml.data.transforms import Preprocessor  # noqa: E402
 from dcml.predictor import Predictor  # noqa: E402
-from dcml.train.loop import (  # noqa: E402
+from dcml.train.checkpoint import save_checkpoint  # noqa: E402
+from dcml.train.metrics import binary_metrics  # noqa: E402
+from dcml.train.model import build_model  # noqa: E402
+from dcml.train.step import (  # noqa: E402
     StepOptions,
     make_loss,
     make_optimizer,
     predict,
-    save_checkpoint,
     shuffled_batches,
     train_epoch,
 )
-from dcml.train.metrics import binary_metrics  # noqa: E402
-from dcml.train.model import build_model  # noqa: E402
 
 
 def data(rows: int, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -132,8 +132,9 @@ def tiny_categorical_model(folder: Path) -> dict:
     """An untrained model over `x` and `color` (categories seen in training: blue, red), saved in
     `folder`; returns its metadata. For tests of the request schema, not of the model."""
     from dcml.data.transforms import Preprocessor
-    from dcml.train.loop import make_optimizer, save_checkpoint
+    from dcml.train.checkpoint import save_checkpoint
     from dcml.train.model import build_model
+    from dcml.train.step import make_optimizer
 
     pre = Preprocessor(
         numeric=["x"],

@@ -7,9 +7,9 @@ import psutil
 import pytest
 
 from dcml.data.synth import synth_table
+from dcml.layout import META
 from dcml.pipeline import stage_train
 from dcml.storage import Storage
-from dcml.train.loop import META
 
 from .conftest import make_config
 from .test_data import run, write_shards

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from dcml.data.preprocess import preprocess
 from dcml.data.synth import synth_table
+from dcml.layout import META, WEIGHTS
 from dcml.pipeline import resumed_config, stage_register, stage_train
 from dcml.storage import Storage
-from dcml.train.loop import META, WEIGHTS, read_history
+from dcml.train.checkpoint import read_history
 
 from .conftest import PNG, make_config, preprocessed, start_dcml
 from .test_data import quiet, write_shards

@@ -14,8 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dcml.train.metrics import mode_of
+
 AUTO_METRIC = {"binary": "val_roc_auc", "multiclass": "val_macro_f1", "regression": "val_rmse"}
-MINIMISED = {"loss", "log_loss", "rmse", "mae", "mse"}
 
 
 class ConfigError(ValueError):
@@ -441,8 +442,7 @@ class PipelineConfig(_Section):
         if self.train.metric == "auto":
             self.train.metric = AUTO_METRIC[self.data.task]
         if self.train.mode == "auto":
-            name = self.train.metric.removeprefix("val_")
-            self.train.mode = "min" if name in MINIMISED else "max"
+            self.train.mode = mode_of(self.train.metric)
         for path in self.tune.space:
             problem = _field_problem(path)
             if problem:
@@ -544,17 +544,33 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
         raise ConfigError(msg) from None
 
 
+def with_values(
+    cfg: PipelineConfig, values: dict[str, Any], source: str = "config"
+) -> PipelineConfig:
+    """A copy of cfg with dotted-path fields set (`{"train.lr": 0.01}`), validated like any
+    config."""
+    raw = cfg.model_dump()
+    for path, value in values.items():
+        _set(raw, path, value)
+    return parse_config(raw, source)
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.field=value")
-    parts = key.strip().split(".")
+    _set(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+
+
+def _set(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted path in a raw config: the one setter of overrides and sweep parameters."""
+    *sections, leaf = path.split(".")
     node = raw
-    for part in parts[:-1]:
+    for part in sections:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            raise ConfigError(f"{path}: {part!r} is not a section")
+    node[leaf] = value
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -39,7 +39,8 @@ def resume_if_stored(stage: str, args: list[str]) -> list[str]:
     """A job resubmitted with the id of a stored run or sweep continues it (`--resume ID`): a job
     that died with its node, or was stopped, is resubmitted unchanged."""
     from dcml.cli import _config
-    from dcml.storage import RUN_JSON, Storage
+    from dcml.layout import RUN_JSON, run_folder
+    from dcml.storage import Storage
 
     flag = ID_FLAGS.get(stage)
     if flag not in args:
@@ -48,7 +49,7 @@ def resume_if_stored(stage: str, args: list[str]) -> list[str]:
     run_id = args[i + 1]
     overrides = [args[k + 1] for k, a in enumerate(args) if a == "--set"]
     storage = Storage.from_config(_config(Path(args[0]), overrides))
-    if not storage.exists(storage.path("runs", run_id, RUN_JSON)):
+    if not storage.exists(f"{run_folder(storage, run_id)}/{RUN_JSON}"):
         return args
     print(f"[dcml] {run_id} is stored: resuming it", flush=True)
     return [*args[:i], "--resume", run_id, *args[i + 2 :]]
