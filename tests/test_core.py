@@ -13,8 +13,8 @@ from dcml.config import PipelineConfig, parse_config
 from dcml.data.sources import breast_cancer_table
 from dcml.data.split import SPLITS, assign_splits, hash64, unit_interval
 from dcml.data.transforms import Preprocessor
+from dcml.http_app import build_http_app
 from dcml.predictor import Predictor
-from dcml.serving import build_http_app
 from dcml.train.checkpoint import load_checkpoint, save_checkpoint
 from dcml.train.loop import fit_local
 from dcml.train.metrics import binary_metrics, roc_auc

@@ -170,8 +170,8 @@ def submit(
     set_: list[str] | None = SetOpt,
 ):
     """Submit a stage as a Ray job (dcml and the repository travel with it)."""
-    from dcml.jobs import ID_FLAGS
-    from dcml.jobs import submit as submit_job
+    from dcml.submit import ID_FLAGS
+    from dcml.submit import submit as submit_job
     from dcml.train.trainer import new_run_id
 
     load_config(config, set_ or [])  # a bad config fails here, not on the cluster
