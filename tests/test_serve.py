@@ -24,8 +24,7 @@ from dcml.predictor import Predictor
 from dcml.serving import app_builder, deploy, serve_args
 from dcml.storage import Storage
 
-from .conftest import make_config, preprocessed, register_tiny_model
-from .test_data import quiet
+from .conftest import make_config, preprocessed, quiet, register_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
