@@ -12,10 +12,13 @@ from dcml.train.step import label_tensor
 
 
 def collate_fn(features: list[str], task: str):
-    """Ray Data batches (numpy columns) -> (features, label) tensors."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
+    """Batches of numpy columns (from Ray Data, or a `LocalSplit`) -> (features, label) tensors."""
+    try:  # tells Ray Data to hand over numpy batches; without Ray the loop calls it itself
+        from ray.data.collate_fn import NumpyBatchCollateFn as Base
+    except ImportError:
+        Base = object
 
-    class FeaturesAndLabel(NumpyBatchCollateFn):
+    class FeaturesAndLabel(Base):
         def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
             x = np.stack([batch[c] for c in features], axis=1).astype(np.float32, copy=False)
             return torch.from_numpy(x), label_tensor(batch["label"].copy(), task, "cpu")
