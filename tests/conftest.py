@@ -25,7 +25,7 @@ def ray_session():
     import ray
 
     from dcml.cluster import prepare_env
-    from dcml.config import ClusterConfig
+    from dcml.config_sections import ClusterConfig
 
     prepare_env(ClusterConfig())
     # address="local": never attach to another Ray cluster running on this machine.

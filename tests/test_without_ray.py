@@ -290,7 +290,7 @@ def test_http_app_takes_categories_as_text(tmp_path):
 
 
 def test_model_options_width_list_norm_residual():
-    from dcml.config import ModelConfig
+    from dcml.config_sections import ModelConfig
     from dcml.train.model import model_spec
 
     cfg = ModelConfig(depth=3, width=[16, 16, 8], norm="batch", residual=True, dropout=0.0)
@@ -345,7 +345,7 @@ def test_the_loop_learns_regression_and_multiclass_without_ray(tmp_path):
 
 
 def test_schedules_and_early_stopping():
-    from dcml.config import TrainConfig
+    from dcml.config_sections import TrainConfig
     from dcml.train.step import EarlyStop, lr_factor
 
     t = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)

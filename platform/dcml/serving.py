@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import Field
 from ray import serve
 
-from dcml.config import ServeConfig
+from dcml.config_sections import ServeConfig
 from dcml.http_app import build_http_app, same_schema
 from dcml.predictor import Predictor
 
