@@ -368,6 +368,10 @@ class TuneConfig(_Section):
 
 
 class ServeAutoscaling(_Section):
+    """Ray Serve's `autoscaling_config`: these fields are checked here; its other keys
+    (`upscale_delay_s`, `downscale_delay_s`, `metrics_interval_s`, ...) pass through to Serve."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(

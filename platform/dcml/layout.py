@@ -38,7 +38,7 @@ def raw_folder(storage: Storage, name: str) -> str:
     return storage.path("raw", name)
 
 
-def dataset_folder(storage: Storage, name: str, version: str = "") -> str:
+def dataset_folder(storage: Storage, name: str = "", version: str = "") -> str:
     return storage.path("datasets", name, version)
 
 
