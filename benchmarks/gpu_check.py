@@ -3,9 +3,10 @@
     python benchmarks/gpu_check.py [--device cuda] [--rows 200000] [--epochs 3]
 
 Needs torch, numpy, pyarrow, safetensors and pydantic, not Ray (a GPU machine may lack it). It
-trains the same MLP in float32 and in bf16 autocast (and fp16 with a grad scaler on CUDA) with the
-plain loop, prints samples/s of each and of the plain-PyTorch step it is built on, checks that the
-mixed-precision models predict what the float32 one does (within a tolerance), and runs the
+trains the same MLP in float32 and in bf16 autocast (and fp16 with a grad scaler on CUDA) with
+dcml's training step, prints samples/s of each and of a bare PyTorch step, checks that the
+mixed-precision models predict what the float32 one does (within a tolerance), runs dcml's one
+training loop (`fit_local`: what Ray Train workers run) in bf16 with a resume, and runs the
 Predictor (raw columns -> preprocessor -> model) on the same device.
 """
 
@@ -23,17 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 
 from dcml.data.transforms import Preprocessor  # noqa: E402
 from dcml.predictor import Predictor  # noqa: E402
-from dcml.train.loop import (  # noqa: E402
+from dcml.train.checkpoint import save_checkpoint  # noqa: E402
+from dcml.train.metrics import binary_metrics  # noqa: E402
+from dcml.train.model import build_model  # noqa: E402
+from dcml.train.step import (  # noqa: E402
     StepOptions,
     make_loss,
     make_optimizer,
     predict,
-    save_checkpoint,
     shuffled_batches,
     train_epoch,
 )
-from dcml.train.metrics import binary_metrics  # noqa: E402
-from dcml.train.model import build_model  # noqa: E402
 
 
 def data(rows: int, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +102,31 @@ def plain_step_rate(x, y, device, epochs: int, batch: int) -> float:
     return epochs * steps * batch / (time.perf_counter() - t0)
 
 
+def real_loop(x, y, xv, yv, device: torch.device, out: str) -> float:
+    """dcml's one training loop (`fit_local`, what every Ray Train worker runs), bf16 autocast,
+    its splits cached on the device; then a rerun resumes from its checkpoint. Its last ROC AUC."""
+    import pyarrow as pa
+
+    from dcml.config import parse_config
+    from dcml.train.loop import fit_local
+
+    names = [f"f{j}" for j in range(x.shape[1])]
+
+    def table(a, b):
+        return pa.table(
+            {"id": range(len(b)), "label": b, **{n: a[:, j] for j, n in enumerate(names)}}
+        )
+
+    raw = {"model": {"depth": 2, "width": 128, "dropout": 0.0}, "seed": 0}
+    raw["train"] = {"epochs": 2, "batch_size": 1024, "precision": "bf16", "workers": 1}
+    splits = {"train": table(x, y), "validation": table(xv, yv)}
+    first = fit_local(parse_config(raw), splits, out, names, device=str(device))
+    raw["train"]["epochs"] = 3
+    resumed = fit_local(parse_config(raw), splits, out, names, device=str(device))
+    assert [h["epoch"] for h in first + resumed] == [0, 1, 2], "the loop did not resume"
+    return resumed[-1]["val_roc_auc"]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -147,6 +173,14 @@ def main() -> None:
                     f"{precision}: ROC AUC {m['roc_auc']:.4f} vs fp32 {reference[2]['roc_auc']:.4f}"
                 )
         print(line)
+
+    import shutil
+
+    shutil.rmtree(f"{args.out}-loop", ignore_errors=True)
+    auc = real_loop(x, y, xv, yv, device, f"{args.out}-loop")
+    print(f"dcml training loop (fit_local, bf16, resumed): val ROC AUC {auc:.4f}")
+    if auc < 0.8:
+        failures.append(f"the training loop reached ROC AUC {auc:.4f}")
 
     # class-weighted losses keep their weights on the device of the outputs
     out, labels = torch.randn(8, 3, device=device), torch.arange(8, device=device) % 3

@@ -194,7 +194,7 @@ def main() -> None:
     import ray
 
     from dcml.cluster import prepare_env
-    from dcml.config import ClusterConfig
+    from dcml.config_sections import ClusterConfig
     from dcml.data.synth import write_synth
 
     prepare_env(ClusterConfig())

@@ -82,7 +82,7 @@ def dcml_run(cfg, dataset, run_id: str) -> tuple[float, float, float]:
     t0 = time.time()
     result = build_trainer(cfg, storage, dataset, run_id, progress=False).fit()
     wall = time.time() - t0
-    from dcml.train.loop import read_history
+    from dcml.train.checkpoint import read_history
 
     with result.checkpoint.as_directory() as d:
         history = read_history(d)

@@ -6,7 +6,7 @@ ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/run
 
 import sys
 
-from dcml.jobs import job_main
+from dcml.job_entry import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("train"))

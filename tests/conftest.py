@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import requests
 
@@ -22,7 +25,7 @@ def ray_session():
     import ray
 
     from dcml.cluster import prepare_env
-    from dcml.config import ClusterConfig
+    from dcml.config_sections import ClusterConfig
 
     prepare_env(ClusterConfig())
     # address="local": never attach to another Ray cluster running on this machine.
@@ -132,8 +135,9 @@ def tiny_categorical_model(folder: Path) -> dict:
     """An untrained model over `x` and `color` (categories seen in training: blue, red), saved in
     `folder`; returns its metadata. For tests of the request schema, not of the model."""
     from dcml.data.transforms import Preprocessor
-    from dcml.train.loop import make_optimizer, save_checkpoint
+    from dcml.train.checkpoint import save_checkpoint
     from dcml.train.model import build_model
+    from dcml.train.step import make_optimizer
 
     pre = Preprocessor(
         numeric=["x"],
@@ -156,3 +160,90 @@ def tiny_categorical_model(folder: Path) -> dict:
     model = build_model(spec)
     save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
     return {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}
+
+
+# ---- data on disk ----
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def write_shards(folder, table: pa.Table, shards: int, fmt: str = "parquet") -> list:
+    from dcml.data.synth import encode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"parquet": "parquet", "csv": "csv", "json": "jsonl"}[fmt]
+    paths = []
+    for i, part in enumerate(np.array_split(np.arange(table.num_rows), shards)):
+        path = folder / f"part-{i}.{suffix}"
+        path.write_bytes(encode(table.take(pa.array(part)), fmt))
+        paths.append(path)
+    return paths
+
+
+def run(tmp_path, name="syn", source=None, **data):
+    """Preprocess the files under tmp_path/raw (or `source`): (dataset version, storage)."""
+    from dcml.data.preprocess import preprocess
+    from dcml.storage import Storage
+
+    cfg = make_config(
+        tmp_path / "store", data={"name": name, "source": str(source or tmp_path / "raw"), **data}
+    )
+    return preprocess(cfg, Storage.from_config(cfg), log=quiet), Storage.from_config(cfg)
+
+
+# ---- the run report in headless Chromium ----
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def images(page: str) -> list[str]:
+    return re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
+
+
+# Records, once the page has loaded, how many images decoded and how tall the page is.
+CHECK = """<script>
+addEventListener("load", () => {
+  const imgs = [...document.images];
+  const b = document.body.dataset;
+  b.images = imgs.length;
+  b.decoded = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+  b.sections = document.querySelectorAll("h2").length;
+  b.height = document.documentElement.scrollHeight;
+});
+</script>"""
+
+
+def render(report: Path, tmp_path: Path) -> dict[str, int]:
+    """Open a copy of the report with CHECK in headless Chromium; what CHECK recorded."""
+    page = tmp_path / "rendered.html"
+    page.write_text(report.read_text().replace("</body>", CHECK + "</body>"))
+    out = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    body = re.search(r"<body([^>]*)>", out.stdout)
+    assert body, f"chromium printed no page (exit {out.returncode}): {out.stderr[-2000:]}"
+    return {k: int(v) for k, v in re.findall(r'data-(\w+)="(\d+)"', body[1])}
+
+
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (Debian's chromium package)"
+)

@@ -16,13 +16,9 @@ from dcml.data.preprocess import preprocess
 from dcml.data.synth import encode, synth_table
 from dcml.storage import Storage
 
-from .conftest import make_config
+from .conftest import make_config, quiet, run, write_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def small(n: int, seed: int = 0, inf_rows: tuple = ()) -> pa.Table:
@@ -31,24 +27,6 @@ def small(n: int, seed: int = 0, inf_rows: tuple = ()) -> pa.Table:
     f1[list(inf_rows)] = np.inf
     label = ((f1 + f2) > 0).astype(np.int64)
     return pa.table({"id": np.arange(n), "f1": f1, "f2": f2, "label": label})
-
-
-def write_shards(folder, table: pa.Table, shards: int, fmt: str = "parquet") -> list:
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = {"parquet": "parquet", "csv": "csv", "json": "jsonl"}[fmt]
-    paths = []
-    for i, part in enumerate(np.array_split(np.arange(table.num_rows), shards)):
-        path = folder / f"part-{i}.{suffix}"
-        path.write_bytes(encode(table.take(pa.array(part)), fmt))
-        paths.append(path)
-    return paths
-
-
-def run(tmp_path, name="syn", source=None, **data):
-    cfg = make_config(
-        tmp_path / "store", data={"name": name, "source": str(source or tmp_path / "raw"), **data}
-    )
-    return preprocess(cfg, Storage.from_config(cfg), log=quiet), Storage.from_config(cfg)
 
 
 def stored(tmp_path, name="syn") -> list:

@@ -7,12 +7,11 @@ import psutil
 import pytest
 
 from dcml.data.synth import synth_table
+from dcml.layout import META
 from dcml.pipeline import stage_train
 from dcml.storage import Storage
-from dcml.train.loop import META
 
-from .conftest import make_config
-from .test_data import run, write_shards
+from .conftest import make_config, run, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

@@ -15,8 +15,7 @@ from dcml.pipeline import raw_test_rows, run_pipeline
 from dcml.predictor import Predictor
 from dcml.storage import Storage
 
-from .conftest import make_config
-from .test_report import images, needs_chromium, render
+from .conftest import images, make_config, needs_chromium, render
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import html
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dcml import plots
 from dcml.cli import main
@@ -19,9 +17,8 @@ from dcml.registry import ModelVersion
 from dcml.report import report_path, write_report
 from dcml.storage import Storage
 
-from .conftest import PNG, make_config
+from .conftest import PNG, images, make_config, needs_chromium, render
 
-CHROMIUM = "/usr/bin/chromium"
 RUN, SWEEP = "train-20250101-000000-abcd", "sweep-20250101-000100-ef01"
 NASTY = "<script>alert('x')</script>"  # a value in stored text that must come out as text
 
@@ -136,10 +133,6 @@ def full_report(storage: Storage) -> str:
     )
 
 
-def images(page: str) -> list[str]:
-    return re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
-
-
 def test_report_holds_every_section_in_one_self_contained_file(tmp_path):
     storage = Storage(str(tmp_path))
     uri = full_report(storage)
@@ -231,53 +224,6 @@ def test_dcml_report_prints_the_path_or_names_the_missing_run(tmp_path, capsys):
     assert main(["report", "train-alone", *at]) == 1
     err = capsys.readouterr().err
     assert "train-alone" in err and "dcml run" in err
-
-
-# Records, once the page has loaded, how many images decoded and how tall the page is.
-CHECK = """<script>
-addEventListener("load", () => {
-  const imgs = [...document.images];
-  const b = document.body.dataset;
-  b.images = imgs.length;
-  b.decoded = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
-  b.sections = document.querySelectorAll("h2").length;
-  b.height = document.documentElement.scrollHeight;
-});
-</script>"""
-
-
-def render(report: Path, tmp_path: Path) -> dict[str, int]:
-    """Open a copy of the report with CHECK in headless Chromium; what CHECK recorded."""
-    page = tmp_path / "rendered.html"
-    page.write_text(report.read_text().replace("</body>", CHECK + "</body>"))
-    out = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-profile'}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    body = re.search(r"<body([^>]*)>", out.stdout)
-    assert body, f"chromium printed no page (exit {out.returncode}): {out.stderr[-2000:]}"
-    return {k: int(v) for k, v in re.findall(r'data-(\w+)="(\d+)"', body[1])}
-
-
-needs_chromium = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (Debian's chromium package)"
-)
 
 
 @needs_chromium

@@ -18,13 +18,13 @@ import requests
 from ray import serve
 
 from dcml import registry
+from dcml.http_app import BATCH_SIZE_HEADER
 from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
-from dcml.serving import BATCH_SIZE_HEADER, app_builder, deploy, serve_args
+from dcml.serving import app_builder, deploy, serve_args
 from dcml.storage import Storage
 
-from .conftest import make_config, preprocessed, register_tiny_model
-from .test_data import quiet
+from .conftest import make_config, preprocessed, quiet, register_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from dcml.data.preprocess import preprocess
 from dcml.data.synth import synth_table
+from dcml.layout import META, WEIGHTS
 from dcml.pipeline import resumed_config, stage_register, stage_train
 from dcml.storage import Storage
-from dcml.train.loop import META, WEIGHTS, read_history
+from dcml.train.checkpoint import read_history
 
-from .conftest import PNG, make_config, preprocessed, start_dcml
-from .test_data import quiet, write_shards
+from .conftest import PNG, make_config, preprocessed, quiet, start_dcml, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

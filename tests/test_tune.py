@@ -15,8 +15,7 @@ from dcml.data.synth import synth_table
 from dcml.pipeline import resumed_config, stage_register, stage_tune
 from dcml.storage import Storage
 
-from .conftest import PNG, make_config, preprocessed, start_dcml
-from .test_data import quiet, write_shards
+from .conftest import PNG, make_config, preprocessed, quiet, start_dcml, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -91,6 +90,31 @@ def test_optuna_searches_the_space(bc):
     assert len(outcome.trials) == 2 and all(t["status"] == "finished" for t in outcome.trials)
     assert all(t["epochs"] == 2 for t in outcome.trials)
     assert all(1e-3 <= t["train.lr"] <= 3e-2 for t in outcome.trials)
+
+
+def test_asha_stops_a_bad_trial_early(bc):
+    """Two trials with a useful learning rate reach each rung first; two that barely move the
+    weights fall below the cut there and ASHA stops them before the sweep's epoch budget."""
+    root, dv = bc
+    cfg = make_config(
+        root,
+        tune={
+            "space": {"train.lr": {"grid": [1e-2, 3e-2, 1e-9, 2e-9]}},
+            "scheduler": "asha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "epochs": 4,
+            "num_samples": 1,
+            "max_concurrent_trials": 2,
+        },
+        model={"depth": 1, "width": 8},
+    )
+    _, outcome = stage_tune(cfg, dv.ref, "asha1", quiet)
+    by_lr = {t["train.lr"]: t for t in outcome.trials}
+    assert by_lr[1e-2]["status"] == "finished" and by_lr[1e-2]["epochs"] == 4
+    stopped = [t for t in outcome.trials if t["status"] == "stopped early"]
+    assert stopped and all(t["train.lr"] < 1e-8 and t["epochs"] < 4 for t in stopped)
+    assert outcome.params["train.lr"] >= 1e-2
 
 
 def test_population_based_training_moves_weights_between_trials(bc):

@@ -170,8 +170,8 @@ def submit(
     set_: list[str] | None = SetOpt,
 ):
     """Submit a stage as a Ray job (dcml and the repository travel with it)."""
-    from dcml.jobs import ID_FLAGS
-    from dcml.jobs import submit as submit_job
+    from dcml.submit import ID_FLAGS
+    from dcml.submit import submit as submit_job
     from dcml.train.trainer import new_run_id
 
     load_config(config, set_ or [])  # a bad config fails here, not on the cluster
@@ -193,6 +193,7 @@ def report(
     set_: list[str] | None = SetOpt,
 ):
     """Print the URI of a pipeline run's HTML report (runs/RUN_ID/report.html)."""
+    from dcml.layout import run_folder
     from dcml.report import report_path
     from dcml.storage import Storage
 
@@ -200,7 +201,7 @@ def report(
     path = report_path(storage, run_id)
     if not storage.exists(path):
         where = storage.uri("runs")
-        if not storage.exists(storage.path("runs", run_id)):
+        if not storage.exists(run_folder(storage, run_id)):
             raise LookupError(f"no run {run_id!r} under {where}")
         raise LookupError(
             f"run {run_id!r} has no report.html under {where}: reports are written by `dcml run` "
@@ -301,11 +302,12 @@ def data_list(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     import time
 
     from dcml.data.catalog import list_versions
+    from dcml.layout import dataset_folder
     from dcml.storage import Storage
 
     storage = Storage.from_config(_config(config, set_))
     typer.echo(f"{'dataset':<32}{'created (UTC)':<22}{'train':>9}{'valid':>9}{'test':>9}  content")
-    for name in storage.ls(storage.path("datasets")):
+    for name in storage.ls(dataset_folder(storage)):
         for v in list_versions(storage, name):
             m, rows = v.manifest, v.manifest["rows"]
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["created_at"]))

@@ -9,7 +9,7 @@ import shutil
 import socket
 import tempfile
 
-from dcml.config import ClusterConfig
+from dcml.config_sections import ClusterConfig
 
 _owned: str | None = None  # "local" (we started Ray) or "joined" (we connected to a cluster)
 

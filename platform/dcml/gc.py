@@ -16,9 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dcml.predictor import MODEL_JSON
-from dcml.registry import CLAIM
-from dcml.storage import MANIFEST, RUN_JSON, TX_PREFIX, Storage, read_manifest, tx_age_s
+from dcml.layout import (
+    CLAIM,
+    MANIFEST,
+    MODEL_JSON,
+    RUN_JSON,
+    dataset_folder,
+    model_folder,
+    run_folder,
+)
+from dcml.storage import TX_PREFIX, Storage, read_manifest, tx_age_s
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def _abandoned_in(storage: Storage, folder: str, keep: str | None, now: float, m
 
 
 def _model_debris(storage: Storage, now: float, min_age: float):
-    models = storage.path("models")
+    models = model_folder(storage)
     for name in storage.ls(models):
         for entry in storage.ls(f"{models}/{name}"):
             folder = f"{models}/{name}/{entry}"
@@ -79,11 +86,11 @@ def _model_debris(storage: Storage, now: float, min_age: float):
 def _references(storage: Storage) -> tuple[set[str], set[str], list[str]]:
     """(dataset refs, run/sweep ids, checkpoint paths) that runs and models name."""
     datasets, runs, checkpoints = set(), set(), []
-    for run_id in storage.ls(storage.path("runs")):
-        record = read_manifest(storage, storage.path("runs", run_id), RUN_JSON)
+    for run_id in storage.ls(run_folder(storage)):
+        record = read_manifest(storage, run_folder(storage, run_id), RUN_JSON)
         if record:
             datasets.add(record.get("dataset"))
-    models = storage.path("models")
+    models = model_folder(storage)
     for name in storage.ls(models):
         for entry in storage.ls(f"{models}/{name}"):
             meta = read_manifest(storage, f"{models}/{name}/{entry}", MODEL_JSON)
@@ -109,8 +116,8 @@ def find_garbage(storage: Storage, min_age_s: float, now: float | None = None) -
             found += _abandoned_in(storage, folder, keep, now, min_age_s)
 
     datasets, runs, checkpoints = _references(storage)
-    for run_id in storage.ls(storage.path("runs")):
-        run = storage.path("runs", run_id)
+    for run_id in storage.ls(run_folder(storage)):
+        run = run_folder(storage, run_id)
         record = read_manifest(storage, run, RUN_JSON)
         if record is None or "created_at" not in record or run_id in runs:
             continue  # unknown age, or a model came from it
@@ -120,7 +127,7 @@ def find_garbage(storage: Storage, min_age_s: float, now: float | None = None) -
         for path in storage.fs.glob(f"{run}/**/checkpoint_*"):
             if not any(c == path or c.startswith(f"{path}/") for c in checkpoints):
                 found.append(Garbage("unused checkpoint", path, age))
-    top = storage.path("datasets")
+    top = dataset_folder(storage)
     for name in storage.ls(top):
         for version in storage.ls(f"{top}/{name}"):
             manifest = read_manifest(storage, f"{top}/{name}/{version}", MANIFEST)

@@ -27,11 +27,12 @@ from dcml.data.catalog import DatasetVersion, read_split_numpy, require_dataset,
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import preprocess
+from dcml.layout import META, RUN_JSON, read_weights, run_folder
 from dcml.predictor import Predictor
 from dcml.report import write_report
-from dcml.storage import RUN_JSON, Storage, to_json
-from dcml.train.loop import META, WEIGHTS, evaluate
-from dcml.train.metrics import task_metrics
+from dcml.storage import Storage, to_json
+from dcml.train.metrics import best_by, task_metrics
+from dcml.train.step import evaluate
 from dcml.train.trainer import TrainOutcome, fit, loss_of, new_run_id
 
 Log = Callable[[str], None]
@@ -46,7 +47,7 @@ def resumed_config(cfg: PipelineConfig, run_id: str, overrides: list[str] | None
     """The config a run was started with (found under `cfg`'s storage root), plus overrides
     (e.g. `train.epochs=40` to train on)."""
     storage = Storage.from_config(cfg)
-    record = storage.path("runs", run_id, RUN_JSON)
+    record = f"{run_folder(storage, run_id)}/{RUN_JSON}"
     if not storage.exists(record):
         raise LookupError(f"no run {run_id!r} to resume under {storage.uri('runs')}")
     raw = with_secrets(storage.read_json(record)["config"], cfg)
@@ -63,7 +64,7 @@ def _open_run(
 ) -> DatasetVersion:
     """The dataset of a new run (recorded in runs/<run_id>/run.json with its config) or of the
     stored run that `resume` continues. An existing id is never started over."""
-    record = storage.path("runs", run_id, RUN_JSON)
+    record = f"{run_folder(storage, run_id)}/{RUN_JSON}"
     exists = ValueError(
         f"run {run_id!r} exists: `dcml {verb} --resume {run_id}` continues it; "
         "choose another id to start a new one"
@@ -169,7 +170,7 @@ def stage_register(
     }
     # Test metrics of exactly what gets registered (weights + preprocessor through the
     # Predictor), with the test twin of every metric `train.metric` can name (loss included).
-    predictor = Predictor(storage.read_bytes(f"{checkpoint_path}/{WEIGHTS}"), meta)
+    predictor = Predictor(read_weights(storage, checkpoint_path), meta)
     _, x, y = read_split_numpy(storage, dataset, "test")
     task = dataset.manifest["task"]
     loss_fn = loss_of(cfg, dataset.manifest)
@@ -299,22 +300,17 @@ def run_pipeline(
 
     dataset = stage_preprocess(cfg, log)  # collect, clean, split, fit, gate, store
     _, trained = stage_train(cfg, dataset.ref, log=log)
+    # (validation metric, tiebreak, checkpoint, lineage): the trained run wins a tie
     candidates = [
-        (trained.metrics[cfg.train.metric], trained.checkpoint_path, {"run_id": trained.run_id})
+        (trained.metrics[cfg.train.metric], 1, trained.checkpoint_path, {"run_id": trained.run_id})
     ]
     if cfg.tune.enabled:
         _, swept = stage_tune(cfg, dataset.ref, log=log)
-        candidates.append(
-            (
-                swept.metrics[cfg.train.metric],
-                swept.checkpoint_path,
-                {"sweep_id": swept.sweep_id, "params": swept.params},
-            )
-        )
-    sign = 1 if cfg.train.mode == "max" else -1
-    best = max(candidates, key=lambda c: sign * c[0])
-    log(f"best validation {cfg.train.metric}={best[0]:.4f} from {best[2]}")
-    model = stage_register(cfg, dataset, best[1], best[2], ["production"], log)
+        lineage = {"sweep_id": swept.sweep_id, "params": swept.params}
+        candidates.append((swept.metrics[cfg.train.metric], 0, swept.checkpoint_path, lineage))
+    value, _, checkpoint, lineage = best_by(candidates, cfg.train.mode)
+    log(f"best validation {cfg.train.metric}={value:.4f} from {lineage}")
+    model = stage_register(cfg, dataset, checkpoint, lineage, ["production"], log)
 
     url = deploy(cfg, f"{cfg.name}@production")
     served = registry.resolve_model(storage, f"{cfg.name}@production")

@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from dcml.data.transforms import Preprocessor
-from dcml.train.loop import WEIGHTS, predict
+from dcml.layout import MODEL_JSON, WEIGHTS, read_weights
 from dcml.train.model import build_model
-
-MODEL_JSON = "model.json"
+from dcml.train.step import predict
 
 
 class Predictor:
@@ -50,7 +49,7 @@ class Predictor:
         from dcml.storage import DamagedError, lists_files
 
         meta = storage.read_json(f"{path}/{MODEL_JSON}")
-        weights = storage.read_bytes(f"{path}/{WEIGHTS}")
+        weights = read_weights(storage, path)
         listed = {e["path"]: e for e in meta.get("files", [])}
         entry = listed.get(WEIGHTS)
         if lists_files(meta) and (

@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dcml.predictor import MODEL_JSON
+from dcml.layout import CLAIM, MODEL_JSON, WEIGHTS, alias_folder, model_folder, read_weights
 from dcml.storage import Commit, Storage, check_files, read_manifest, require_intact, to_json
-from dcml.train.loop import WEIGHTS
-
-CLAIM = "_claim.json"
+from dcml.train.metrics import better
 
 
 @dataclass(frozen=True)
@@ -48,12 +46,8 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _model_folder(storage: Storage, name: str, version: int | str = "") -> str:
-    return storage.path("models", name, str(version))
-
-
 def _versions(storage: Storage, name: str) -> list[int]:
-    parent = _model_folder(storage, name)
+    parent = model_folder(storage, name)
     numbers = [int(e) for e in storage.ls(parent) if e.isdigit()]
     return sorted(n for n in numbers if storage.exists(f"{parent}/{n}/{MODEL_JSON}"))
 
@@ -61,7 +55,7 @@ def _versions(storage: Storage, name: str) -> list[int]:
 def _claim(storage: Storage, name: str) -> int:
     """Take the next free version number: the first N above every numbered folder (committed or
     not) whose claim file this process creates."""
-    parent = _model_folder(storage, name)
+    parent = model_folder(storage, name)
     taken = max([0, *(int(e) for e in storage.ls(parent) if e.isdigit())])
     for version in range(taken + 1, taken + 1000):
         try:
@@ -79,9 +73,9 @@ def register(
     """Copy a checkpoint's weights into a new version with `meta` (spec, preprocessor, lineage)."""
     if not name or "/" in name or name.startswith((".", "_")):
         raise ValueError(f"bad model name {name!r}")
-    weights = storage.read_bytes(f"{checkpoint_path}/{WEIGHTS}")
+    weights = read_weights(storage, checkpoint_path)
     version = _claim(storage, name)
-    commit = Commit(storage, _model_folder(storage, name, version), MODEL_JSON, prefix="")
+    commit = Commit(storage, model_folder(storage, name, version), MODEL_JSON, prefix="")
     try:
         commit.put(WEIGHTS, weights)
         full = {**meta, "name": name, "version": version, "created_at": time.time()}
@@ -93,7 +87,7 @@ def register(
 
 
 def get_version(storage: Storage, name: str, version: int) -> ModelVersion:
-    path = _model_folder(storage, name, version)
+    path = model_folder(storage, name, version)
     meta = read_manifest(storage, path, MODEL_JSON)
     if meta is None:
         raise LookupError(
@@ -116,13 +110,9 @@ def verify_version(storage: Storage, mv: ModelVersion) -> list[str]:
 # ---- aliases: an append-only log per alias ----
 
 
-def _alias_folder(storage: Storage, name: str, alias: str) -> str:
-    return storage.path("models", name, "aliases", alias)
-
-
 def alias_history(storage: Storage, name: str, alias: str) -> list[dict[str, Any]]:
     """Every promotion and rollback of the alias, oldest first."""
-    folder = _alias_folder(storage, name, alias)
+    folder = alias_folder(storage, name, alias)
     entries = sorted(e for e in storage.ls(folder) if e.endswith(".json") and e[:-5].isdigit())
     return [storage.read_json(f"{folder}/{e}") for e in entries]
 
@@ -140,7 +130,7 @@ def _stack(history: list[dict[str, Any]]) -> list[int]:
 
 def _append(storage, name, alias, history, entry) -> bool:
     """Add the alias's next history entry; False if another writer took that place first."""
-    path = f"{_alias_folder(storage, name, alias)}/{len(history):08d}.json"
+    path = f"{alias_folder(storage, name, alias)}/{len(history):08d}.json"
     entry = {**entry, "at": time.time(), "by": who()}
     try:
         storage.create(path, to_json(entry).encode())
@@ -187,7 +177,7 @@ def gate(new: ModelVersion, current: ModelVersion | None) -> None:
             f"{current.ref} has no usable {metric} ({old}) to compare {new.ref} with{note}: "
             "not promoted (force to promote anyway)"
         )
-    if value < old if mode == "max" else value > old:
+    if better(old, value, mode):
         raise PromotionRefused(
             f"{new.ref} has {metric} {value} but {current.ref} has {old}{note}: not promoted "
             "(force to promote anyway)"
@@ -229,7 +219,7 @@ def rollback(storage: Storage, name: str, alias: str) -> int:
 
 def aliases(storage: Storage, name: str) -> dict[str, int]:
     out = {}
-    for alias in storage.ls(storage.path("models", name, "aliases")):
+    for alias in storage.ls(alias_folder(storage, name)):
         stack = _stack(alias_history(storage, name, alias))
         if stack:
             out[alias] = stack[-1]
@@ -256,4 +246,4 @@ def resolve_model(storage: Storage, ref: str) -> ModelVersion:
 
 
 def list_models(storage: Storage) -> dict[str, list[int]]:
-    return {n: _versions(storage, n) for n in storage.ls(storage.path("models"))}
+    return {n: _versions(storage, n) for n in storage.ls(model_folder(storage))}

@@ -17,13 +17,13 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from dcml.storage import RUN_JSON, Storage
+from dcml.layout import HISTORY, PLOTS, REPORT, RUN_JSON, TEST_METRICS, run_folder
+from dcml.storage import Storage
 
 if TYPE_CHECKING:  # `dcml report` only looks a report up: it starts without torch and Ray
     from dcml.data.catalog import DatasetVersion
     from dcml.registry import ModelVersion
 
-REPORT = "report.html"
 PNG = b"\x89PNG\r\n\x1a\n"
 HISTORY_HIDDEN = ("time",)  # wall-clock stamps: noise in a table
 
@@ -50,7 +50,7 @@ code { font-size: 0.85rem; }
 
 
 def report_path(storage: Storage, run_id: str) -> str:
-    return storage.path("runs", run_id, REPORT)
+    return f"{run_folder(storage, run_id)}/{REPORT}"
 
 
 def write_report(
@@ -68,14 +68,14 @@ def write_report(
     URI. The dataset defaults to the one in the run's run.json."""
     from dcml.data.catalog import resolve_dataset
 
-    run = storage.path("runs", run_id)
+    run = run_folder(storage, run_id)
     record = _read_json(storage, f"{run}/{RUN_JSON}")
     if dataset is None and record.get("dataset"):
         try:
             dataset = resolve_dataset(storage, record["dataset"])
         except LookupError:
             dataset = None
-    sweep = storage.path("runs", sweep_id) if sweep_id else None
+    sweep = run_folder(storage, sweep_id) if sweep_id else None
     sections = [
         _dataset_section(dataset, record.get("dataset")),
         _training_section(storage, run, run_id, record),
@@ -171,8 +171,6 @@ def _gate(gate: dict[str, Any] | None) -> str:
 
 
 def _training_section(storage: Storage, run: str, run_id: str, record: dict[str, Any]) -> str:
-    from dcml.train.loop import HISTORY
-    from dcml.train.trainer import PLOTS
 
     head = "<h2>Training</h2>"
     if not storage.exists(run):
@@ -202,7 +200,6 @@ def _training_section(storage: Storage, run: str, run_id: str, record: dict[str,
 
 
 def _tuning_section(storage: Storage, sweep: str | None, sweep_id: str | None) -> str:
-    from dcml.train.trainer import PLOTS
 
     head = "<h2>Tuning</h2>"
     if sweep is None:
@@ -229,7 +226,6 @@ def _tuning_section(storage: Storage, sweep: str | None, sweep_id: str | None) -
 
 
 def _test_section(storage: Storage, run: str) -> str:
-    from dcml.train.trainer import PLOTS, TEST_METRICS
 
     head = "<h2>Test metrics</h2>"
     metrics = _read_json(storage, f"{run}/{TEST_METRICS}")

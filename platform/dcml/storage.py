@@ -24,8 +24,8 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-MANIFEST = "_manifest.json"
-RUN_JSON = "run.json"  # runs/<id>/run.json: the run's dataset and config, created exclusively
+from dcml.layout import MANIFEST
+
 TX_PREFIX = "tx-"  # a writer's own folder: tx-<UTC time>-<random>
 FORMAT = 3  # of manifests that list their files
 # fsspec protocols whose `pipe_file(mode="create")` fails when the path exists: s3fs sends

@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dcml.config import PipelineConfig, parse_config
+from dcml.config import PipelineConfig, with_values
 from dcml.data.catalog import DatasetVersion
+from dcml.layout import META, run_folder
 from dcml.storage import Storage
-from dcml.train.loop import META
-from dcml.train.trainer import PBT_STEP
+from dcml.train.metrics import best_by
+from dcml.train.session import PBT_STEP
 
 TRIAL_CPU = 0.01  # the trial function only waits on its trainer; Train workers hold the CPUs
 
@@ -53,16 +54,10 @@ def search_space(cfg: PipelineConfig) -> dict[str, Any]:
     return space
 
 
-def with_params(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
-    """A copy of cfg with dotted-path values set, validated like any config."""
-    raw = cfg.model_dump()
-    for path, value in params.items():
-        node = raw
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return parse_config(raw, source="trial config")
+def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """A trial's config: the sweep's with the trial's parameters set, and its epoch budget
+    (`tune.epochs`) as `train.epochs`, the one budget the loop and its schedule read."""
+    return with_values(base, {**params, "train.epochs": base.tune.epochs}, "trial config")
 
 
 def concurrency(cfg: PipelineConfig) -> int:
@@ -93,8 +88,8 @@ def concurrency(cfg: PipelineConfig) -> int:
 
 def _trial(
     params: dict[str, Any],
-    base: dict[str, Any],
-    storage_args: tuple,
+    base: PipelineConfig,
+    storage: Storage,
     dataset: DatasetVersion,
     trials_path: str,
 ) -> None:
@@ -103,16 +98,15 @@ def _trial(
 
     from dcml.train.trainer import build_trainer
 
-    cfg = with_params(PipelineConfig.model_validate(base), params)
+    cfg = trial_config(base, params)
     trainer = build_trainer(
         cfg,
-        Storage(*storage_args),
+        storage,
         dataset,
         # the trial id names the Train run: a resumed sweep's trial resumes its own run
         tune.get_context().get_trial_id(),
         storage_path=trials_path,
         workers=cfg.tune.workers_per_trial,
-        epochs=cfg.tune.epochs,
         callbacks=[TuneReportCallback()],
         progress=False,
     )
@@ -127,23 +121,25 @@ def inline(cfg: PipelineConfig) -> bool:
 
 
 def _inline_trial(
-    params: dict[str, Any], base: dict[str, Any], storage_args: tuple, dataset: DatasetVersion
+    params: dict[str, Any], base: PipelineConfig, storage: Storage, dataset: DatasetVersion
 ) -> None:
     """A one-worker trial: the training loop in this process, with Tune's own checkpoints."""
     import pyarrow as pa
     import torch
 
-    from dcml.train.trainer import LocalSplit, TrialSession, loop_config, split_tables, train_func
+    from dcml.train.ingest import split_tables
+    from dcml.train.loop import train_func
+    from dcml.train.session import LocalSplit, TrialSession
+    from dcml.train.trainer import loop_config
 
-    cfg = with_params(PipelineConfig.model_validate(base), params)
-    storage = Storage(*storage_args)
+    cfg = trial_config(base, params)
     splits = {
         s: LocalSplit(pa.concat_tables(split_tables(storage, dataset, s)))
         for s in ("train", "validation")
     }
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
-    config = loop_config(cfg, storage, dataset, cfg.tune.epochs, progress=False)
-    train_func(config, TrialSession(splits, device, cfg.tune.epochs))
+    config = loop_config(cfg, storage, dataset, progress=False)
+    train_func(config, TrialSession(splits, device, cfg.train.epochs))
 
 
 def _mutations(cfg: PipelineConfig) -> dict[str, Any]:
@@ -190,12 +186,8 @@ def sweep(
     # lets --resume find them), and warn about it each time: keep the saves, drop the warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     metric, mode = cfg.train.metric, cfg.train.mode
-    sweep_path = storage.path("runs", sweep_id)
-    common = {
-        "base": cfg.model_dump(),
-        "storage_args": (storage.uri(), storage.options),
-        "dataset": dataset,
-    }
+    sweep_path = run_folder(storage, sweep_id)
+    common = {"base": cfg, "storage": storage, "dataset": dataset}
     checkpoints = None
     if inline(cfg):
         gpu = 1 if cfg.train.use_gpu else 0
@@ -255,7 +247,7 @@ def sweep(
             ),
             run_config=tune.RunConfig(
                 name=sweep_id,
-                storage_path=storage.path("runs"),
+                storage_path=run_folder(storage),
                 storage_filesystem=storage.arrow_fs(),
                 checkpoint_config=checkpoints,
                 verbose=0,
@@ -273,9 +265,8 @@ def sweep(
 def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> SweepOutcome:
     """One row per trial (best first), the trials as CSV/Parquet and plots; the best checkpoint."""
     metric, mode = cfg.train.metric, cfg.train.mode
-    sweep_path = storage.path("runs", sweep_id)
-    sign = 1 if mode == "max" else -1
-    trials, curves, best = [], {}, None
+    sweep_path = run_folder(storage, sweep_id)
+    trials, curves, kept = [], {}, []
     for result in grid:
         df = result.metrics_dataframe
         found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(str(result.path)))
@@ -293,28 +284,28 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         if df is not None and metric in df:
             row["epochs"] = int(df["epoch"].max()) + 1 if "epoch" in df else len(df)
             curves[trial_id] = (list(df["epoch"] + 1), list(df[metric]))
-        found = _best_kept(storage, result, metric, sign)
+        found = _best_kept(storage, result, metric, mode)
         if found is not None:
             row[metric] = found[0]
-            if best is None or sign * found[0] > best[0]:
-                best = (sign * found[0], found[1], result.config)
+            kept.append((found[0], 0, found[1], result.config))
         if not result.error and row["epochs"] < cfg.tune.epochs:
             row["status"] = "stopped early"
         trials.append(row)
+    sign = 1 if mode == "max" else -1  # best first, trials without a value last
     trials.sort(key=lambda r: -sign * r[metric] if r[metric] == r[metric] else math.inf)
     _write_results(storage, sweep_path, trials, curves, cfg)
-    if best is None:
+    if not kept:
         raise RuntimeError(
             f"sweep {sweep_id}: no trial reported {metric}; errors: "
             f"{[t['error'] for t in trials if t['error']]}"
         )
-    ckpt = best[1]
+    _, _, ckpt, config = best_by(kept, mode)
     meta = storage.read_json(f"{ckpt}/{META}")
-    params = {k: best[2][k] for k in cfg.tune.space}
+    params = {k: config[k] for k in cfg.tune.space}
     return SweepOutcome(sweep_id, ckpt, meta["metrics"], params, trials)
 
 
-def _best_kept(storage: Storage, result, metric: str, sign: int) -> tuple[float, str] | None:
+def _best_kept(storage: Storage, result, metric: str, mode: str) -> tuple[float, str] | None:
     """A trial's best stored checkpoint: (metric, path). Train-run trials report the paths of
     their Train checkpoints as `checkpoint_path`; PBT trials keep Tune checkpoints."""
     found = []
@@ -329,7 +320,7 @@ def _best_kept(storage: Storage, result, metric: str, sign: int) -> tuple[float,
     found = [f for f in found if storage.exists(f"{f[2]}/{META}")]
     if not found:
         return None
-    value, _, path = max(found, key=lambda f: (sign * f[0], f[1]))
+    value, _, path = best_by(found, mode)
     return float(value), path
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from dcml.data.transforms import Preprocessor
-from dcml.storage import MANIFEST, Storage, check_files, read_manifest, require_intact
+from dcml.layout import MANIFEST, dataset_folder
+from dcml.storage import Storage, check_files, read_manifest, require_intact
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,6 @@ class DatasetVersion:
 
     def shard_paths(self, split: str) -> list[str]:
         return [f"{self.path}/{s['name']}" for s in self.shards(split)]
-
-
-def dataset_folder(storage: Storage, name: str, version: str = "") -> str:
-    return storage.path("datasets", name, version)
 
 
 def find_version(storage: Storage, name: str, version: str) -> DatasetVersion | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dcml.config import DataConfig
+from dcml.config_sections import DataConfig
 from dcml.data.errors import DataError
 
 

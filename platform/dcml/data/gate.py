@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dcml.config import GateConfig
+from dcml.config_sections import GateConfig
 from dcml.data.split import SPLITS
 
 EXAMPLES = 3

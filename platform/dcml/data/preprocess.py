@@ -27,7 +27,7 @@ import ray.data
 from ray.data.expressions import col
 
 from dcml.config import PipelineConfig
-from dcml.data.catalog import DatasetVersion, dataset_folder, find_version
+from dcml.data.catalog import DatasetVersion, find_version
 from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows, order_keys
 from dcml.data.columns import Columns, class_key, infer_columns
 from dcml.data.errors import DataError, find_data_error
@@ -36,6 +36,7 @@ from dcml.data.sources import collect_bundled, in_process, read_schema, resolve_
 from dcml.data.split import SPLITS
 from dcml.data.transforms import fit_preprocessor, json_partials
 from dcml.data.write import ShardTask, content_hash
+from dcml.layout import dataset_folder
 from dcml.storage import Commit, Storage
 
 FORMAT = 3  # of the stored layout; part of the fingerprint

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from dcml.data.errors import DataError
-from dcml.storage import MANIFEST, TX_PREFIX, Commit, Storage, lists_files, read_manifest
+from dcml.layout import MANIFEST, raw_folder
+from dcml.storage import TX_PREFIX, Commit, Storage, lists_files, read_manifest
 
 BUNDLED = {"breast_cancer"}
 SUFFIXES = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "json": (".json", ".jsonl")}
@@ -41,7 +42,7 @@ def collect_bundled(storage: Storage, name: str, shards: int) -> str:
     """Write a bundled data set as Parquet shards under raw/<name>/ once; return its URI."""
     if name not in BUNDLED:
         raise DataError(f"unknown bundled data set {name!r}; bundled: {', '.join(sorted(BUNDLED))}")
-    final = storage.path("raw", name)
+    final = raw_folder(storage, name)
     if read_manifest(storage, final) is None:
         table = breast_cancer_table()
         commit = Commit(storage, final)

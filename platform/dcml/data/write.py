@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dcml.config import AugmentConfig
+from dcml.config_sections import AugmentConfig
 from dcml.data.gate import GateSpec, block_stats, repair_batch
 from dcml.data.split import SPLITS
 from dcml.data.transforms import Preprocessor

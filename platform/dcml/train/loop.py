@@ -1,372 +1,189 @@
-"""The training loop in plain PyTorch: runs under Ray Train, under Tune, and alone in one process.
+"""The training loop: one loop, in plain PyTorch, that runs on every Ray Train worker (DDP), in a
+one-process Tune trial, and in one process without Ray (`fit_local`), through a session
+(dcml.train.session) that gives it its data, device and a place to report.
 
-Nothing here imports Ray, so the same step can be checked on a machine that has torch and no Ray.
+Nothing here imports Ray, so the loop can be checked on a machine that has torch and no Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+import tempfile
+import time
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load as load_safetensors
 
-from dcml.train.metrics import task_metrics
-
-WEIGHTS = "model.safetensors"
-TRAIN_STATE = "train_state.pt"
-META = "meta.json"
-HISTORY = "history.csv"
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """How each optimiser step is taken (from `train.*` in the config)."""
-
-    accum: int = 1  # mini-batches per optimiser step
-    clip: float | None = None  # max gradient norm
-    l1: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-
-    @classmethod
-    def from_config(cls, t) -> StepOptions:
-        return cls(t.grad_accum, t.grad_clip, t.l1, t.precision)
-
-
-def make_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
-):
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers take no steps
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+from dcml.config import PipelineConfig
+from dcml.layout import read_weights
+from dcml.storage import Storage
+from dcml.train.checkpoint import (
+    freeze,
+    load_checkpoint,
+    load_matching,
+    read_history,
+    save_checkpoint,
+    write_history,
+)
+from dcml.train.ingest import cache_shard, collate_fn
+from dcml.train.model import build_model, model_spec, n_outputs
+from dcml.train.session import LocalSession, quiet_report_log
+from dcml.train.step import (
+    EarlyStop,
+    StepOptions,
+    evaluate,
+    lr_factor,
+    make_loss,
+    make_optimizer,
+    shuffled_batches,
+    train_epoch,
+)
 
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def train_func(config: dict[str, Any], session=None) -> None:
+    """Runs on every Ray Train worker (or in a Tune trial): plain PyTorch, with DDP through the
+    session's `prepare`."""
+    cfg = config["cfg"]
+    if not isinstance(cfg, PipelineConfig):
+        cfg = PipelineConfig.model_validate(cfg)
+    features: list[str] = config["features"]
+    task: str = config.get("task", "binary")
+    classes: list | None = config.get("classes")
+    epochs = cfg.train.epochs  # the one budget: the schedule spans it, a trial's config sets it
+    if config.get("progress", True) != "verbose":
+        quiet_report_log()
+    if session is None:  # on a Ray Train worker
+        from dcml.train.session import TrainSession
 
+        session = TrainSession()
+    rank, world, device = session.rank, session.world, session.device
+    torch.manual_seed(cfg.seed)
+    # as many intra-op threads as the CPUs the worker holds: no oversubscription of the node
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
-def make_loss(
-    task: str, loss: str = "auto", class_weights: list[float] | None = None, device=None
-) -> Loss:
-    """The loss of a task on the model's raw outputs: BCE with logits (binary, one output),
-    cross-entropy (multiclass), MSE or Huber (regression). `class_weights` weigh classes (their
-    tensor lives on `device`, where the outputs are)."""
-    if task == "multiclass":
-        weight = None
-        if class_weights:
-            weight = torch.tensor(class_weights, dtype=torch.float32, device=device)
-        ce = nn.CrossEntropyLoss(weight=weight)
-        return lambda out, y: ce(out, y.long())
-    if task == "regression":
-        fn = nn.HuberLoss() if loss == "huber" else nn.MSELoss()
-        return lambda out, y: fn(out.squeeze(-1), y)
-    pos_weight = None
-    if class_weights:
-        ratio = class_weights[1] / class_weights[0]
-        pos_weight = torch.tensor([ratio], dtype=torch.float32, device=device)
-    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    return lambda out, y: bce(out.squeeze(-1), y)
+    tc = cfg.train
+    collate = collate_fn(features, task)
+    train_shard = session.shard("train")
+    x = y = None
+    if tc.cache != "none":  # read once; every epoch then draws batches from the cache
+        x, y = cache_shard(train_shard, collate, device, tc.cache)
+    vx, vy = cache_shard(session.shard("validation"), collate, device, "device", "validation")
+    vx, vy = vx.to(device), vy.cpu().numpy()
+    weights = None
+    if tc.class_weights == "balanced" and task != "regression":
+        weights = config["class_weights"]  # from the whole training split, not this shard
+    loss_fn = make_loss(task, tc.loss, weights, device)
+    steps = 0
+    if x is not None:
+        steps = math.ceil(len(x) / tc.batch_size)
+        if world > 1 and torch.distributed.is_initialized():
+            # every DDP rank must take the same number of steps per epoch
+            t = torch.tensor([steps], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            steps = int(t.item())
 
+    spec = model_spec(cfg.model, len(features), n_outputs(task, classes))
+    model = build_model(spec)
+    checkpoint = session.checkpoint()
+    if config.get("init_path") and checkpoint is None:  # fine-tuning (a resumed run has its own)
+        state = load_safetensors(read_weights(Storage.from_config(cfg), config["init_path"]))
+        load_matching(model, state)
+    freeze(model, tc.freeze_layers)
+    model = session.prepare(model)
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
+    plateau = None
+    if tc.schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=tc.mode, factor=tc.gamma, patience=2
+        )
+    stop = EarlyStop(tc.mode, tc.patience, tc.min_delta, tc.target)
+    options = StepOptions.from_config(tc)
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    start, history = 0, []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start, extra = load_checkpoint(d, model, optimizer)
+            history = read_history(d)
+        if plateau is not None and "plateau" in extra:
+            plateau.load_state_dict(extra["plateau"])
+        stop.best, stop.bad_epochs = extra.get("best"), extra.get("bad_epochs", 0)
+        if rank == 0 and config.get("progress", True):
+            print(f"[dcml] resuming from the checkpoint of epoch {start}", flush=True)
 
-def label_tensor(y: np.ndarray, task: str, device) -> torch.Tensor:
-    dtype = torch.long if task == "multiclass" else torch.float32
-    return torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
-
-
-def lr_factor(epoch: int, t) -> float:
-    """The learning rate of `epoch` relative to `train.lr`: warm-up, then the schedule
-    (plateau decays are applied by `ReduceLROnPlateau` on top of this)."""
-    if epoch < t.warmup_epochs:
-        return (epoch + 1) / (t.warmup_epochs + 1)
-    after = epoch - t.warmup_epochs
-    if t.schedule == "cosine":
-        span = max(t.epochs - t.warmup_epochs, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
-    if t.schedule == "step":
-        return t.gamma ** (after // t.step_size)
-    return 1.0
-
-
-@dataclass
-class EarlyStop:
-    """ "Training done?": no improvement for `patience` epochs, or the metric reached `target`."""
-
-    mode: str  # max | min
-    patience: int | None = None
-    min_delta: float = 0.0
-    target: float | None = None
-    best: float | None = None
-    bad_epochs: int = 0
-    reason: str = ""  # why it stopped
-
-    def update(self, value: float) -> bool:
-        """Record an epoch's metric; True when training should stop."""
-        sign = 1.0 if self.mode == "max" else -1.0
-        if self.best is None or sign * (value - self.best) > self.min_delta:
-            self.best, self.bad_epochs = value, 0
-        else:
-            self.bad_epochs += 1
-        if self.target is not None and sign * (value - self.target) >= 0:
-            self.reason = f"reached the target {self.target:g}"
-        elif self.patience is not None and self.bad_epochs >= self.patience:
-            self.reason = f"no improvement for {self.patience} epochs"
-        return bool(self.reason)
-
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-def shuffled_batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    steps: int,
-    generator: torch.Generator,
-    device: torch.device | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` mini-batches of cached (x, y) in a seeded random order, moved to `device` if the
-    cache is elsewhere (host memory). Under DDP every rank must take the same number of steps, so
-    `steps` comes from the caller and a rank with fewer rows wraps around."""
-    order = torch.randperm(len(x), generator=generator).to(x.device)
-    move = device is not None and torch.device(device) != x.device
-    for step in range(steps):
-        idx = order[(step * batch_size) % len(x) :][:batch_size]
-        xb, yb = x[idx], y[idx]
-        if move:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        yield xb, yb
-
-
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Batches,
-    loss_fn: Loss | None = None,
-    options: StepOptions = StepOptions(),
-    scaler: torch.amp.GradScaler | None = None,
-) -> float:
-    """One pass over `batches` of (x, y); the mean loss."""
-    model.train()
-    loss_fn = loss_fn or make_loss("binary")
-    total, steps, pending = None, 0, False
-    optimizer.zero_grad(set_to_none=True)
-    for xb, yb in batches:
-        with autocast(xb.device, options.precision):
-            loss = loss_fn(model(xb).float(), yb)
-        if options.l1:
-            loss = loss + options.l1 * sum(p.abs().sum() for p in model.parameters())
-        # summed on the device: no host sync per step
-        total = loss.detach() if total is None else total + loss.detach()
-        steps += 1
-        (scaler.scale(loss / options.accum) if scaler else loss / options.accum).backward()
-        pending = True
-        if steps % options.accum == 0:
-            _step(model, optimizer, options, scaler)
-            pending = False
-    if pending:  # the tail of an epoch that is not a multiple of `accum`
-        _step(model, optimizer, options, scaler)
-    mean = total.item() / steps if steps else 0.0
-    if not math.isfinite(mean):
-        raise FloatingPointError(f"training loss became {mean}")
-    return mean
-
-
-def _step(model, optimizer, options: StepOptions, scaler) -> None:
-    if scaler:
-        scaler.unscale_(optimizer)
-    if options.clip:
-        nn.utils.clip_grad_norm_(model.parameters(), options.clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-@torch.no_grad()
-def raw_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """The model's outputs (logits, values) in float32, in eval mode."""
-    if model.training:  # eval() walks every module: a served model is in eval mode already
-        model.eval()
-    if len(x) <= batch_size:
-        return model(x).float()
-    outs = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0, device=x.device)
-
-
-def read_outputs(out: torch.Tensor, task: str) -> np.ndarray:
-    """Outputs as a task reads them: P(positive) for binary, class probabilities (rows,
-    classes) for multiclass, the value for regression."""
-    if task == "multiclass":
-        out = torch.softmax(out, dim=-1)
-    elif task == "regression":
-        out = out.squeeze(-1)
-    else:
-        out = torch.sigmoid(out.squeeze(-1))
-    return out.cpu().numpy()
-
-
-def predict(model: nn.Module, x: torch.Tensor, task: str, batch_size: int = 8192) -> np.ndarray:
-    if len(x) == 0:
-        return np.empty(0, dtype=np.float32)
-    return read_outputs(raw_outputs(model, x, batch_size), task)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: np.ndarray,
-    task: str = "binary",
-    loss_fn: Loss | None = None,
-    prefix: str = "val_",
-) -> dict[str, float]:
-    """The task's metrics on (x, y), and `loss` (the training loss) when `loss_fn` is given."""
-    out = raw_outputs(model, x)
-    metrics = task_metrics(task, y, read_outputs(out, task))
-    if loss_fn is not None:
-        metrics = {"loss": float(loss_fn(out, label_tensor(y, task, out.device))), **metrics}
-    return {prefix + k: v for k, v in metrics.items()}
-
-
-def save_checkpoint(
-    path: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    meta: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """Weights as safetensors; optimiser (and scheduler, early-stopping) state for resuming."""
-    os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, os.path.join(path, WEIGHTS))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "epoch": epoch, "extra": extra or {}},
-        os.path.join(path, TRAIN_STATE),
-    )
-    with open(os.path.join(path, META), "w") as f:
-        json.dump({**meta, "epoch": epoch}, f, indent=2, sort_keys=True)
-
-
-def write_history(path: str, history: list[dict[str, float]]) -> None:
-    """Per-epoch metrics as CSV (one row per epoch, the union of columns)."""
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(os.path.join(path, HISTORY), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def read_history(path: str) -> list[dict[str, float]]:
-    file = os.path.join(path, HISTORY)
-    if not os.path.exists(file):
-        return []
-    with open(file, newline="") as f:
-        return parse_history(f.read())
-
-
-def parse_history(text: str) -> list[dict[str, float]]:
-    rows = csv.DictReader(io.StringIO(text, newline=""))
-    return [{k: float(v) for k, v in row.items() if v != ""} for row in rows]
-
-
-def load_checkpoint(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> tuple[int, dict[str, Any]]:
-    """Restore weights (and optimiser state) without pickle; (next epoch, the extra state)."""
-    unwrap(model).load_state_dict(load_file(os.path.join(path, WEIGHTS)))
-    state = torch.load(os.path.join(path, TRAIN_STATE), weights_only=True, map_location="cpu")
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, state.get("extra", {})
-
-
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Fine-tuning: load the tensors of `state` whose name and shape match the model's (a new
-    head or wider layers start fresh); the names loaded."""
-    own = unwrap(model).state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    unwrap(model).load_state_dict(matched, strict=False)
-    return sorted(matched)
-
-
-def freeze(model: nn.Module, layers: int) -> list[str]:
-    """Fix the weights of the first `layers` hidden layers (from the input); their names.
-    Call before wrapping the model in DDP, which then leaves them out of gradient sync."""
-    names = []
-    for i, block in enumerate(list(unwrap(model))[:layers]):
-        for name, p in block.named_parameters():
-            p.requires_grad_(False)
-            names.append(f"{i}.{name}")
-    return names
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def fit_in_process(
-    model: nn.Module,
-    train_xy: tuple[np.ndarray, np.ndarray],
-    val_xy: tuple[np.ndarray, np.ndarray],
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    seed: int,
-    device: str = "cpu",
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    task: str = "binary",
-    loss_fn: Loss | None = None,
-    options: StepOptions = StepOptions(),
-    stop: tuple[str, EarlyStop] | None = None,
-) -> list[dict[str, float]]:
-    """The whole loop in one process without Ray (debugging, GPU checks).
-
-    `stop` is (metric, EarlyStop): the loop ends early when it says so.
-    """
-    x = torch.as_tensor(train_xy[0], device=device)
-    y = label_tensor(train_xy[1], task, device)
-    vx = torch.as_tensor(val_xy[0], device=device)
-    loss_fn = loss_fn or make_loss(task)
-    steps = math.ceil(len(x) / batch_size)
-    history = []
-    for epoch in range(epochs):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        batches = shuffled_batches(x, y, batch_size, steps, g)
-        loss = train_epoch(model, optimizer, batches, loss_fn, options)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss,
-            **evaluate(model, vx, val_xy[1], task, loss_fn),
-        }
+    for epoch in range(start, epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        t0 = time.perf_counter()
+        if plateau is None or epoch < tc.warmup_epochs:  # plateau decays from its own state
+            for group in optimizer.param_groups:
+                group["lr"] = tc.lr * lr_factor(epoch, tc)
+        if x is not None:
+            batches = shuffled_batches(x, y, tc.batch_size, steps, g, device)
+        else:  # streamed: Ray Train's equal split gives every rank the same number of rows
+            batches = train_shard.iter_torch_batches(
+                batch_size=tc.batch_size,
+                collate_fn=collate,
+                device=device,
+                local_shuffle_buffer_size=max(tc.shuffle_buffer, tc.batch_size),
+                local_shuffle_seed=cfg.seed * 100_003 + epoch * 1_009 + rank,
+                prefetch_batches=2,
+            )
+        t_train = time.perf_counter()
+        loss = train_epoch(model, optimizer, batches, loss_fn, options, scaler)
+        t_train = time.perf_counter() - t_train
+        if world > 1 and torch.distributed.is_initialized():
+            t = torch.tensor([loss], device=device)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / world
+        metrics = {"epoch": epoch, "train_loss": loss, **evaluate(model, vx, vy, task, loss_fn)}
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["epoch_s"] = time.perf_counter() - t0  # training, evaluation and all
+        metrics["train_s"] = t_train  # the training steps alone (throughput)
+        metrics["time"] = time.time()  # wall clock at the end of the epoch
         history.append(metrics)
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        if stop is not None and stop[1].update(metrics[stop[0]]):
+        if plateau is not None and epoch >= tc.warmup_epochs:
+            plateau.step(metrics[tc.metric])
+        # Every rank sees the same validation metrics (the model is in sync), so all stop together.
+        done = stop.update(metrics[tc.metric])
+        last = epoch == epochs - 1 or done
+        if rank == 0 and config.get("progress", True):
+            shown = " ".join(
+                f"{k}={v:.4f}"
+                for k, v in metrics.items()
+                if k == "train_loss" or k.startswith("val_")
+            )
+            print(f"[dcml] epoch {epoch + 1}/{epochs} {shown}", flush=True)
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    meta = {"metrics": metrics, "model_spec": spec, "features": features}
+                    extra = {**stop.state(), "plateau": plateau.state_dict() if plateau else None}
+                    save_checkpoint(d, model, optimizer, epoch, meta, extra)
+                    write_history(d, history)
+                    session.report(metrics, d)
+                else:
+                    session.report(metrics)
+        else:
+            session.report(metrics)
+        if done:
+            if rank == 0 and config.get("progress", True):
+                print(f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}")
             break
-    return history
+
+
+def fit_local(
+    cfg: PipelineConfig,
+    splits: dict[str, Any],
+    folder: str,
+    features: list[str],
+    task: str = "binary",
+    classes: list | None = None,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """`train_func` in this process without Ray: `splits` are pyarrow tables (`train`,
+    `validation`: id, label, features), checkpoints go to `folder` (and a rerun on the same
+    folder resumes from the latest). Returns the metrics reported, one dict per epoch."""
+    session = LocalSession(splits, folder, device)
+    config = {"cfg": cfg, "features": features, "task": task, "classes": classes}
+    train_func({**config, "class_weights": None, "progress": False}, session)
+    return session.reported

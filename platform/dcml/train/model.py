@@ -48,7 +48,7 @@ class Block(nn.Module):
 
 def build_model(spec: dict[str, Any]) -> nn.Sequential:
     """depth 0 is a single linear layer: sigmoid(θᵀx), i.e. logistic regression."""
-    widths = spec.get("widths") or [spec["width"]] * spec["depth"]  # older specs: one width
+    widths = spec["widths"] if "widths" in spec else [spec["width"]] * spec["depth"]  # older: one
     blocks: list[nn.Module] = []
     width_in = spec["n_features"]
     for width in widths[: spec["depth"]]:
@@ -56,3 +56,8 @@ def build_model(spec: dict[str, Any]) -> nn.Sequential:
         width_in = width
     blocks.append(nn.Linear(width_in, spec["n_outputs"]))
     return nn.Sequential(*blocks)
+
+
+def n_outputs(task: str, classes: list | None) -> int:
+    """The model's outputs: one per class (multiclass), else one (a logit or a value)."""
+    return len(classes) if task == "multiclass" else 1

@@ -8,8 +8,7 @@ from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
 from dcml.storage import Storage
 
-from .conftest import make_config
-from .test_data import run, write_shards
+from .conftest import make_config, run, write_shards
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

@@ -1,13 +1,13 @@
-"""Ray jobs: the entry points `jobs/*.py` run, and `dcml submit`, which submits them.
+"""`dcml submit`: a stage sent to a cluster as a Ray job (`jobs/STAGE.py`).
 
 A job runs on the cluster from the uploaded working directory, with dcml itself shipped as a
-`py_modules` entry of `jobs/runtime_env.yaml`, so the cluster needs only Ray and torch.
+`py_modules` entry of `jobs/runtime_env.yaml`, so the cluster needs only Ray and torch. What the
+job runs there is `dcml.job_entry`.
 """
 
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,40 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = REPO / "jobs" / "runtime_env.yaml"
 # stages with an entry point jobs/STAGE.py
 STAGES = ("pipeline", "preprocess", "train", "tune")
-
-
-def job_main(stage: str, argv: list[str] | None = None) -> int:
-    """`python jobs/STAGE.py --config PATH [--set k=v ...] [stage options]` -> `dcml STAGE`."""
-    from dcml.cli import main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in args:  # the job form names the config; the CLI takes it first
-        i = args.index("--config")
-        args = [*args[i + 1 : i + 2], *args[:i], *args[i + 2 :]]
-    print(f"[dcml] job: {stage} with dcml from {Path(__file__).parent}", flush=True)
-    return main(["run" if stage == "pipeline" else stage, *resume_if_stored(stage, args)])
-
-
+# the option that names a stage's run: a job given a stored one resumes it
 ID_FLAGS = {"train": "--run-id", "tune": "--sweep-id"}
-
-
-def resume_if_stored(stage: str, args: list[str]) -> list[str]:
-    """A job resubmitted with the id of a stored run or sweep continues it (`--resume ID`): a job
-    that died with its node, or was stopped, is resubmitted unchanged."""
-    from dcml.cli import _config
-    from dcml.storage import RUN_JSON, Storage
-
-    flag = ID_FLAGS.get(stage)
-    if flag not in args:
-        return args
-    i = args.index(flag)
-    run_id = args[i + 1]
-    overrides = [args[k + 1] for k, a in enumerate(args) if a == "--set"]
-    storage = Storage.from_config(_config(Path(args[0]), overrides))
-    if not storage.exists(storage.path("runs", run_id, RUN_JSON)):
-        return args
-    print(f"[dcml] {run_id} is stored: resuming it", flush=True)
-    return [*args[:i], "--resume", run_id, *args[i + 2 :]]
 
 
 def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:

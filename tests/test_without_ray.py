@@ -9,14 +9,17 @@ import torch
 from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
 
+from dcml.config import PipelineConfig, parse_config
 from dcml.data.sources import breast_cancer_table
 from dcml.data.split import SPLITS, assign_splits, hash64, unit_interval
 from dcml.data.transforms import Preprocessor
+from dcml.http_app import build_http_app
 from dcml.predictor import Predictor
-from dcml.serving import build_http_app
-from dcml.train.loop import fit_in_process, load_checkpoint, make_optimizer, save_checkpoint
+from dcml.train.checkpoint import load_checkpoint, save_checkpoint
+from dcml.train.loop import fit_local
 from dcml.train.metrics import binary_metrics, roc_auc
 from dcml.train.model import build_model
+from dcml.train.step import make_optimizer
 
 from .conftest import tiny_categorical_model
 
@@ -110,27 +113,44 @@ def _breast_cancer_xy():
     return t, features, pre, splits
 
 
-def test_loop_runs_without_ray_and_learns_logistic_regression(tmp_path):
+def table(x: np.ndarray, y: np.ndarray, features: list[str]) -> pa.Table:
+    """A stored split's columns: id, label, the features."""
+    cols = {"id": np.arange(len(y)), "label": y, **{f: x[:, j] for j, f in enumerate(features)}}
+    return pa.table(cols)
+
+
+def local_config(**sections) -> PipelineConfig:
+    raw = {"train": {"workers": 1, "batch_size": 32, "weight_decay": 0.0}, "seed": 0}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return parse_config(raw)
+
+
+def test_the_loop_runs_without_ray_learns_logistic_regression_and_resumes(tmp_path):
     t, features, pre, splits = _breast_cancer_xy()
     cols = {c: t.column(c).to_numpy() for c in features}
     x, y = pre.transform(cols), t.column("label").to_numpy().astype(np.float32)
-    torch.manual_seed(0)
-    spec = {
-        "kind": "mlp",
-        "n_features": len(features),
-        "n_outputs": 1,
-        "depth": 0,
-        "width": 1,
-        "activation": "relu",
-        "dropout": 0.0,
-    }
-    model = build_model(spec)  # depth 0: sigmoid(θᵀx), the seed's logistic regression
-    opt = make_optimizer(model, "sgd", 0.05, 0.0)
     tr, va = splits == "train", splits == "validation"
-    history = fit_in_process(model, (x[tr], y[tr]), (x[va], y[va]), 15, 32, opt, seed=0)
+    data = {"train": table(x[tr], y[tr], features), "validation": table(x[va], y[va], features)}
+    # depth 0: sigmoid(θᵀx), the seed's logistic regression, through the one training loop
+    cfg = local_config(model={"depth": 0}, train={"optimizer": "sgd", "lr": 0.05, "epochs": 15})
+    history = fit_local(cfg, data, str(tmp_path / "run"), features)
     assert len(history) == 15 and history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_roc_auc"] >= 0.98
+    # the same run with a larger budget resumes from its last checkpoint, as under Ray
+    more = fit_local(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 17})}),
+        data,
+        str(tmp_path / "run"),
+        features,
+    )
+    assert [int(h["epoch"]) for h in more] == [15, 16]
 
+    last = sorted((tmp_path / "run").glob("checkpoint_*"))[-1]
+    spec = json.loads((last / "meta.json").read_text())["model_spec"]
+    model = build_model(spec)
+    assert load_checkpoint(str(last), model, None)[0] == 17
+    opt = make_optimizer(model, "sgd", 0.05, 0.0)
     # a checkpoint round-trips without pickle, and the predictor reproduces the model
     save_checkpoint(str(tmp_path), model, opt, 14, {"model_spec": spec})
     fresh = build_model(spec)
@@ -270,7 +290,7 @@ def test_http_app_takes_categories_as_text(tmp_path):
 
 
 def test_model_options_width_list_norm_residual():
-    from dcml.config import ModelConfig
+    from dcml.config_sections import ModelConfig
     from dcml.train.model import model_spec
 
     cfg = ModelConfig(depth=3, width=[16, 16, 8], norm="batch", residual=True, dropout=0.0)
@@ -301,49 +321,32 @@ def test_task_metrics_match_scikit_learn():
     assert r["mae"] == pytest.approx(mean_absolute_error(t, pred))
 
 
-def test_loop_learns_regression_and_multiclass_without_ray():
-    from dcml.train.loop import make_loss
-
+def test_the_loop_learns_regression_and_multiclass_without_ray(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(800, 2)).astype(np.float32)
-    for task, y, n_out, key, bar in [
-        ("regression", (2 * x[:, 0] - x[:, 1]).astype(np.float32), 1, "val_r2", 0.95),
-        (
-            "multiclass",
-            ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype(np.int64),
-            4,
-            "val_accuracy",
-            0.9,
-        ),
+    features = ["x0", "x1"]
+    for task, y, classes, key, bar in [
+        ("regression", (2 * x[:, 0] - x[:, 1]).astype(np.float32), None, "val_r2", 0.95),
+        ("multiclass", ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)), [0, 1, 2, 3], "val_accuracy", 0.9),
     ]:
-        torch.manual_seed(0)
-        spec = {
-            "n_features": 2,
-            "n_outputs": n_out,
-            "depth": 1,
-            "widths": [32],
-            "activation": "relu",
-            "dropout": 0.0,
-        }
-        model = build_model(spec)
-        opt = make_optimizer(model, "adam", 0.01, 0.0)
-        history = fit_in_process(
-            model,
-            (x[:600], y[:600]),
-            (x[600:], y[600:]),
-            30,
-            32,
-            opt,
-            seed=0,
-            task=task,
-            loss_fn=make_loss(task, "huber" if task == "regression" else "auto"),
+        cfg = local_config(
+            data={"task": task},
+            model={"depth": 1, "width": 32, "dropout": 0.0},
+            train={"optimizer": "adam", "lr": 0.01, "epochs": 30, "loss": "auto"},
         )
+        if task == "regression":
+            cfg.train.loss = "huber"
+        data = {
+            "train": table(x[:600], y[:600], features),
+            "validation": table(x[600:], y[600:], features),
+        }
+        history = fit_local(cfg, data, str(tmp_path / task), features, task, classes)
         assert history[-1][key] > bar, (task, history[-1])
 
 
 def test_schedules_and_early_stopping():
-    from dcml.config import TrainConfig
-    from dcml.train.loop import EarlyStop, lr_factor
+    from dcml.config_sections import TrainConfig
+    from dcml.train.step import EarlyStop, lr_factor
 
     t = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
     factors = [lr_factor(e, t) for e in range(10)]
@@ -358,38 +361,50 @@ def test_schedules_and_early_stopping():
     assert [stop.update(v) for v in (0.5, 0.2, 0.09)] == [False, False, True]
 
 
-def test_step_options_accumulate_clip_l1_and_bf16_still_learn():
-    from dcml.train.loop import EarlyStop, StepOptions
-
+def test_step_options_accumulate_clip_l1_and_bf16_still_learn(tmp_path):
     t, features, pre, splits = _breast_cancer_xy()
     x = pre.transform({c: t.column(c).to_numpy() for c in features})
     y = t.column("label").to_numpy().astype(np.float32)
     tr, va = splits == "train", splits == "validation"
-    torch.manual_seed(0)
-    spec = {
-        "n_features": len(features),
-        "n_outputs": 1,
-        "depth": 1,
-        "widths": [16],
-        "activation": "relu",
-        "dropout": 0.0,
-    }
-    model = build_model(spec)
-    opt = make_optimizer(model, "sgd", 0.05, 0.0, momentum=0.9)
-    options = StepOptions(accum=2, clip=1.0, l1=1e-4, precision="bf16")
-    history = fit_in_process(
-        model,
-        (x[tr], y[tr]),
-        (x[va], y[va]),
-        40,
-        16,
-        opt,
-        seed=0,
-        options=options,
-        stop=("val_roc_auc", EarlyStop("max", patience=3)),
+    data = {"train": table(x[tr], y[tr], features), "validation": table(x[va], y[va], features)}
+    cfg = local_config(
+        model={"depth": 1, "width": 16, "dropout": 0.0},
+        train={
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "epochs": 40,
+            "batch_size": 16,
+            "grad_accum": 2,
+            "grad_clip": 1.0,
+            "l1": 1e-4,
+            "precision": "bf16",
+            "patience": 3,
+        },
     )
+    history = fit_local(cfg, data, str(tmp_path / "run"), features)
     assert history[-1]["val_roc_auc"] >= 0.97
     assert len(history) < 40  # early stopping ended it
+
+
+def test_a_trial_ends_its_cosine_schedule_with_its_own_epoch_budget(tmp_path):
+    """A sweep trains each trial for tune.epochs: the schedule must span those, not train.epochs."""
+    from dcml.tune import trial_config
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    data = {
+        "train": table(x[:150], y[:150], ["a", "b"]),
+        "validation": table(x[150:], y[150:], ["a", "b"]),
+    }
+    sweep = local_config(train={"epochs": 20, "schedule": "cosine", "lr": 0.1}, tune={"epochs": 4})
+    cfg = trial_config(sweep, {"train.lr": 0.2})
+    assert (cfg.train.epochs, cfg.train.lr) == (4, 0.2)
+    history = fit_local(cfg, data, str(tmp_path / "trial"), ["a", "b"])
+    lrs = [h["lr"] for h in history]
+    assert len(lrs) == 4 and lrs[0] == 0.2
+    # the last epoch is at the end of the cosine: 0.5 * (1 + cos(pi * 3/4)) of the rate
+    assert lrs[-1] == pytest.approx(0.2 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))
 
 
 def test_gpu_check_script_runs_without_ray(tmp_path):

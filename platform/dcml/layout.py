@@ -1,0 +1,70 @@
+"""The storage layout: every folder and file name dcml reads or writes under a storage root, and
+the one way weights are read.
+
+    raw/<name>/                         collected raw shards (a committed folder)
+    datasets/<name>/<version>/          _manifest.json; shards under the writer's tx-*/ prefix
+    runs/<run_id>/                      run.json, checkpoint_*/ (Ray Train), history.csv,
+                                        test_metrics.json, plots/, report.html; a sweep's
+                                        trials/<trial>/ and trials.csv/.parquet
+    models/<name>/<N>/                  _claim.json, model.safetensors, model.json
+    models/<name>/aliases/<alias>/      <seq>.json, one per promotion or rollback
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dcml.storage import Storage
+
+MANIFEST = "_manifest.json"  # a committed folder's manifest (dataset, raw data, predictions)
+MODEL_JSON = "model.json"  # a model version's manifest
+CLAIM = "_claim.json"  # who took a model version number
+WEIGHTS = "model.safetensors"  # in model versions and checkpoints
+RUN_JSON = "run.json"  # a run's dataset and config, created when it starts
+# inside a checkpoint
+TRAIN_STATE = "train_state.pt"  # optimiser, epoch, early-stopping and scheduler state
+META = "meta.json"  # the epoch's metrics, model spec, features
+HISTORY = "history.csv"  # one row per epoch (also a run's own history.csv)
+# a run's outputs
+TEST_METRICS = "test_metrics.json"
+PLOTS = "plots"
+REPORT = "report.html"
+
+
+def raw_folder(storage: Storage, name: str) -> str:
+    return storage.path("raw", name)
+
+
+def dataset_folder(storage: Storage, name: str = "", version: str = "") -> str:
+    return storage.path("datasets", name, version)
+
+
+def run_folder(storage: Storage, run_id: str = "") -> str:
+    return storage.path("runs", run_id)
+
+
+def model_folder(storage: Storage, name: str = "", version: int | str = "") -> str:
+    return storage.path("models", name, str(version))
+
+
+def alias_folder(storage: Storage, name: str, alias: str = "") -> str:
+    return storage.path("models", name, "aliases", alias)
+
+
+def read_weights(storage: Storage, folder: str) -> bytes:
+    """The safetensors bytes of a checkpoint or model version folder."""
+    return storage.read_bytes(f"{folder}/{WEIGHTS}")
+
+
+def load_model(storage: Storage, folder: str, spec: dict) -> nn.Module:
+    """The model of a checkpoint or model version folder, its weights loaded without pickle."""
+    from safetensors.torch import load
+
+    from dcml.train.model import build_model
+
+    model = build_model(spec)
+    model.load_state_dict(load(read_weights(storage, folder)))
+    return model

@@ -1,0 +1,70 @@
+"""A finished run's outputs next to its checkpoints: the best checkpoint on the test split,
+the history, and the plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dcml.data.catalog import DatasetVersion, read_split_numpy
+from dcml.layout import HISTORY, META, PLOTS, load_model
+from dcml.storage import Storage
+from dcml.train.checkpoint import parse_history
+from dcml.train.metrics import task_metrics
+from dcml.train.step import predict
+
+
+def evaluate_checkpoint(
+    storage: Storage, dataset: DatasetVersion, checkpoint: str, split: str
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """A checkpoint's metrics on a split of the dataset (in the driver); also the labels and
+    the model's outputs, for plots."""
+    meta = storage.read_json(f"{checkpoint}/{META}")
+    model = load_model(storage, checkpoint, meta["model_spec"])
+    _, x, y = read_split_numpy(storage, dataset, split)
+    task = dataset.manifest["task"]
+    out = predict(model, torch.as_tensor(x), task)
+    return task_metrics(task, y, out), y, out
+
+
+def write_plots(
+    storage: Storage,
+    run: str,
+    history: list[dict[str, float]],
+    metric: str,
+    dataset: DatasetVersion,
+    y: np.ndarray,
+    out: np.ndarray,
+) -> list[str]:
+    """PNGs under <run>/plots/: learning curves; for classification the test split's
+    confusion matrix, and its ROC curve for binary tasks."""
+    from dcml import plots
+
+    task, classes = dataset.manifest["task"], dataset.manifest["classes"]
+    images = {}
+    if history:
+        images["learning_curves.png"] = plots.learning_curves(history, metric)
+    if task == "binary" and len(y):
+        auc = task_metrics(task, y, out)["roc_auc"]
+        images["roc_curve.png"] = plots.roc_curve(y, out, auc, "ROC curve (test split)")
+    if task != "regression" and len(y):
+        pred = out.argmax(axis=1) if task == "multiclass" else (out >= 0.5).astype(np.int64)
+        images["confusion_matrix.png"] = plots.confusion_matrix(
+            y.astype(np.int64), pred, classes, "Confusion matrix (test split)"
+        )
+    storage.fs.makedirs(f"{run}/{PLOTS}", exist_ok=True)
+    for name, data in images.items():
+        with storage.fs.open(f"{run}/{PLOTS}/{name}", "wb") as f:
+            f.write(data)
+    return [f"{run}/{PLOTS}/{name}" for name in images]
+
+
+def publish_history(storage: Storage, run: str, latest: str) -> list[dict[str, float]]:
+    """runs/<run_id>/history.csv: the per-epoch metrics kept in the run's latest checkpoint."""
+    if not storage.exists(f"{latest}/{HISTORY}"):
+        return []
+    with storage.fs.open(f"{latest}/{HISTORY}", "rb") as f:
+        data = f.read()
+    with storage.fs.open(f"{run}/{HISTORY}", "wb") as f:
+        f.write(data)
+    return parse_history(data.decode())
