@@ -4,7 +4,6 @@ with `ray job logs`, outputs checked in storage; a node killed mid-training, and
 submitting the job again; `serve deploy` of the Serve config file through the head's dashboard."""
 
 import csv
-import functools
 import io
 import os
 import re
@@ -18,8 +17,8 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from dcml.cli import main
-from dcml.jobs import submit_entrypoint
 from dcml.storage import Storage
+from dcml.submit import RUNTIME_ENV, submit_entrypoint
 
 from .conftest import REPO, free_port, moto_s3, register_tiny_model
 from .ray_nodes import BIN, ENV, Head, Worker, add_worker, wait_until_gone
@@ -187,21 +186,20 @@ def epochs_in_history(store, run_id: str) -> list[int]:
 
 
 @pytest.fixture
-def submit_without_pip(monkeypatch, tmp_path):
-    """`dcml submit` with jobs/runtime_env.yaml less its `pip` list: the test nodes' Python has
-    dcml's dependencies already, and the `ray job submit` job above proves that Ray builds that
-    list's environment on each node (dcml itself still travels with the job, a py_module)."""
-    import dcml.jobs
-
-    env = yaml.safe_load(dcml.jobs.RUNTIME_ENV.read_text())
+def env_without_pip(tmp_path) -> list[str]:
+    """`dcml submit --runtime-env` with jobs/runtime_env.yaml less its `pip` list: the test nodes'
+    Python has dcml's dependencies already, and the `ray job submit` job above proves that Ray
+    builds that list's environment on each node (dcml itself still travels with the job, a
+    py_module)."""
+    env = yaml.safe_load(RUNTIME_ENV.read_text())
     assert env.pop("pip")
     path = tmp_path / "runtime_env.yaml"
     path.write_text(yaml.safe_dump(env))
-    monkeypatch.setattr(dcml.jobs, "runtime_env", functools.partial(dcml.jobs.runtime_env, path))
+    return ["--runtime-env", str(path)]
 
 
 def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_when_resubmitted(
-    cluster, s3_store, preprocess_job, submit_without_pip, capsys
+    cluster, s3_store, preprocess_job, env_without_pip, capsys
 ):
     sets = [f for o in s3_store.overrides for f in ("--set", o)]
     # max_failures=0: the job fails when its node goes (with retries, Ray Train would wait for
@@ -210,7 +208,7 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
         sets += ["--set", o]
     bad = ["submit", str(REPO / "configs/breast_cancer.yaml"), "--set", "data.sorce=x"]
     assert main(bad) == 2  # a bad config fails here, before a job is submitted
-    args = ["--stage", "train", "--run-id", "lost-node", *sets]
+    args = ["--stage", "train", "--run-id", "lost-node", *env_without_pip, *sets]
     job, out = dcml_submit(cluster, capsys, *args)
     assert "train lost-node: if the job dies, the same command with --run-id lost-node" in out
     assert "pip" not in cluster.client.get_job_info(job).runtime_env

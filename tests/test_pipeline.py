@@ -121,9 +121,14 @@ def test_stage_verbs_run_alone_against_storage(pipeline, tmp_path, capsys):
     assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 0
     table = pq.read_table(out)
     assert table.num_rows == 569 and set(table.column_names) >= {"id", "probability", "label"}
-    # nothing stored is overwritten
+    # nothing stored is overwritten, and no other folder is written into
     assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 1
     assert "exists" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("someone's")
+    mine = ["--output", str(tmp_path / "mine")]
+    assert main(["predict", "bc@production", "--input", raw, *mine, *at]) == 1
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
 
     # train alone on the stored dataset version, register, then promote
     dataset = result.dataset.ref

@@ -12,7 +12,7 @@ from dcml.cluster import connect
 from dcml.config import PipelineConfig
 from dcml.data.sources import read_dataset, resolve_files
 from dcml.predictor import Predictor
-from dcml.storage import Commit, Storage, file_entry, read_manifest
+from dcml.storage import Commit, Storage, file_entry, require_new_output
 
 
 class _PredictBatch:
@@ -58,8 +58,7 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     mv = registry.resolve_model(storage, model_ref)
     registry.require_model(storage, mv)
     out = Storage(output_uri, storage.options)
-    if read_manifest(out, out.root) is not None:
-        raise FileExistsError(f"output {output_uri} exists; predictions never overwrite data")
+    require_new_output(out, out.root, f"output {output_uri}")
     fs, files, fmt = resolve_files(input_uri, cfg.data.format, storage.options)
     ds = read_dataset(files, fmt, fs)
     id_col = mv.meta["config"]["data"]["id_column"]

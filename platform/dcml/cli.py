@@ -167,6 +167,9 @@ def submit(
         None, envvar="RAY_API_SERVER_ADDRESS", help="Dashboard of the cluster: http://HEAD:8265."
     ),
     run_id: str | None = typer.Option(None, help="Train run / sweep id (resubmit to resume)."),
+    runtime_env: Path | None = typer.Option(
+        None, help="The job's runtime env (YAML); default: jobs/runtime_env.yaml."
+    ),
     set_: list[str] | None = SetOpt,
 ):
     """Submit a stage as a Ray job (dcml and the repository travel with it)."""
@@ -178,7 +181,7 @@ def submit(
     address = address or "http://127.0.0.1:8265"
     if stage in ID_FLAGS:
         run_id = run_id or new_run_id(stage if stage == "train" else "sweep")
-    job_id = submit_job(address, stage, str(config), set_ or [], run_id)
+    job_id = submit_job(address, stage, str(config), set_ or [], run_id, runtime_env)
     typer.echo(f"submitted job {job_id} to {address}")
     typer.echo(f"follow it: ray job logs --follow {job_id} --address {address}")
     if run_id:

@@ -25,7 +25,7 @@ from dcml.layout import (
     model_folder,
     run_folder,
 )
-from dcml.storage import TX_PREFIX, Storage, read_manifest, tx_age_s
+from dcml.storage import LOCAL_TMP, TX_PREFIX, Storage, read_manifest, tx_age_s
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _abandoned_in(storage: Storage, folder: str, keep: str | None, now: float, m
         path = f"{folder}/{entry}"
         if entry.startswith(TX_PREFIX) and entry != keep:
             age = tx_age_s(entry, now)
-        elif ".tmp-" in entry:
+        elif LOCAL_TMP in entry:
             age = _age(storage, path, now)
         else:
             continue
@@ -69,7 +69,10 @@ def _model_debris(storage: Storage, now: float, min_age: float):
     for name in storage.ls(models):
         for entry in storage.ls(f"{models}/{name}"):
             folder = f"{models}/{name}/{entry}"
-            if entry.isdigit() and read_manifest(storage, folder, MODEL_JSON) is None:
+            committed = entry.isdigit() and read_manifest(storage, folder, MODEL_JSON) is not None
+            if committed:  # only a local temporary file can be left in it
+                yield from _abandoned_in(storage, folder, None, now, min_age)
+            elif entry.isdigit():
                 # a registration that never committed: its files go, its claim stays, so the
                 # number is never handed out again (a slow writer may still hold it)
                 claim = read_manifest(storage, folder, CLAIM)

@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dcml.layout import MANIFEST
 
 TX_PREFIX = "tx-"  # a writer's own folder: tx-<UTC time>-<random>
+LOCAL_TMP = ".tmp-"  # a local file being written, beside the name it will take
 FORMAT = 3  # of manifests that list their files
 # fsspec protocols whose `pipe_file(mode="create")` fails when the path exists: s3fs sends
 # `If-None-Match: *`, gcsfs `ifGenerationMatch=0`; memory:// checks its own dict
@@ -146,7 +147,7 @@ class Storage:
 
     def _local_tmp(self, path: str, data: bytes) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{LOCAL_TMP}{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -251,6 +252,18 @@ def lists_files(manifest: dict[str, Any]) -> bool:
     return manifest.get("manifest_format", 0) >= FORMAT
 
 
+def require_new_output(storage: Storage, folder: str, uri: str) -> None:
+    """Refuse an output folder that holds a committed thing or anything but writers' leftovers
+    (`tx-*` prefixes of a crashed earlier write, which a rerun leaves for `dcml gc`)."""
+    if read_manifest(storage, folder) is not None:
+        raise FileExistsError(f"{uri} exists; stored data is never overwritten")
+    foreign = [e for e in storage.ls(folder) if not e.startswith(TX_PREFIX)]
+    if foreign:
+        raise FileExistsError(
+            f"{uri} holds other files ({', '.join(foreign[:3])}); write to a new folder"
+        )
+
+
 def read_manifest(storage: Storage, folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
     try:
         return storage.read_json(f"{folder}/{marker}")
@@ -288,7 +301,8 @@ def check_files(
         prefix = manifest.get("prefix") or ""
         own = [p for p in found if p.startswith(f"{prefix}/")] if prefix else list(found)
         for p in sorted(own):
-            if p not in listed and p.rsplit("/", 1)[-1] not in ignore:
+            name = p.rsplit("/", 1)[-1]
+            if p not in listed and name not in ignore and LOCAL_TMP not in name:
                 problems.append(f"extra: {storage.to_uri(f'{folder}/{p}')}")
     return problems
 

@@ -31,7 +31,12 @@ def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:
 
 
 def submit(
-    address: str, stage: str, config: str, overrides: list[str], run_id: str | None = None
+    address: str,
+    stage: str,
+    config: str,
+    overrides: list[str],
+    run_id: str | None = None,
+    env_file: Path | None = None,
 ) -> str:
     """Submit `jobs/STAGE.py` to the cluster at `address`; returns the job id."""
     from ray.job_submission import JobSubmissionClient
@@ -46,7 +51,9 @@ def submit(
         entry += ["--set", o]
     if run_id and stage in ID_FLAGS:
         entry += [ID_FLAGS[stage], run_id]
-    return submit_entrypoint(JobSubmissionClient(address), shlex.join(entry), runtime_env())
+    return submit_entrypoint(
+        JobSubmissionClient(address), shlex.join(entry), runtime_env(env_file or RUNTIME_ENV)
+    )
 
 
 def submit_entrypoint(client, entrypoint: str, env: dict[str, Any], wait_s: float = 60) -> str:

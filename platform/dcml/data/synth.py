@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dcml.storage import Commit, Storage, file_entry, read_manifest
+from dcml.storage import Commit, Storage, file_entry, require_new_output
 
 COLORS = ["red", "green", "blue", "black", "white"]
 REGIONS = [f"r{i:02d}" for i in range(20)]
@@ -76,8 +76,7 @@ def write_synth(
     if fmt not in SUFFIX:
         raise ValueError(f"format must be one of {sorted(SUFFIX)}, not {fmt!r}")
     out = Storage(out_uri, storage_options)
-    if read_manifest(out, out.root) is not None:
-        raise FileExistsError(f"{out_uri} exists; synthetic data never overwrites anything")
+    require_new_output(out, out.root, out_uri)
     commit = Commit(out, out.root)
     bounds = np.linspace(0, rows, shards + 1).astype(np.int64)
 
