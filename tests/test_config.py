@@ -60,6 +60,8 @@ def test_search_space_names_the_field_and_what_is_wrong():
     )
     assert "tune.space.train: is a section" in problem("{train: {choice: [1]}}")
     assert "a sweep varies the model" in problem("{storage.root: {choice: [a, b]}}")
+    assert "epoch budget is tune.epochs" in problem("{train.epochs: {choice: [4, 8]}}")
+    assert "max_replica" in problem("{}", "serve.autoscaling={max_replica: 3}")  # no typo passes
     assert "space.train.lr: loguniform needs low > 0" in problem("{train.lr: {loguniform: [0, 1]}}")
     assert "give exactly one of loguniform" in problem("{train.lr: {between: [1, 2]}}")
     assert "randint takes integers" in problem("{train.batch_size: {randint: [8.5, 64]}}")

@@ -133,6 +133,9 @@ def test_file_and_memory_uris(tmp_path):
     in_memory, _ = run(tmp_path, name="mem", source=f"memory://{folder}")
     hashes = {dv.manifest["content_hash"] for dv in (local, by_uri, in_memory)}
     assert len(hashes) == 1  # the same rows, transforms and shards from every URI
+    # the same bytes under another path are the same version: it is found, not built again
+    again, _ = run(tmp_path, name="local", source=f"file://{tmp_path}/raw")
+    assert again.version == local.version and again.path == local.path
 
 
 def test_minmax_ordinal_and_rows_without_ids(tmp_path):

@@ -12,7 +12,7 @@ from dcml import registry
 from dcml.cli import main
 from dcml.data.catalog import list_versions, verify_dataset
 from dcml.predictor import Predictor
-from dcml.storage import DamagedError, Storage
+from dcml.storage import DamagedError, Storage, read_manifest
 
 from .conftest import make_config, moto_s3, preprocessed, start_dcml, tiny_categorical_model
 
@@ -100,10 +100,25 @@ def test_concurrent_promotions_keep_every_entry_and_roll_back_in_order(store, tm
     promoted = [h["version"] for h in history]
     assert sorted(promoted) == list(range(1, 9)) and all(h["by"] for h in history)
     assert registry.resolve_model(store, "m@production").version == promoted[-1]
-    for expected in reversed(promoted[:-1]):  # rollback walks the history back in order
+    # two operators undo the same version at once: it is undone once, the other is told
+    undone = at_once(2, lambda _: registry.rollback(own_storage(store), "m", "production"))
+    assert sorted(map(type, undone), key=str) == sorted([int, RuntimeError], key=str), undone
+    assert "meanwhile; not rolled back" in str(next(e for e in undone if isinstance(e, Exception)))
+    for expected in reversed(promoted[:-2]):  # rollback walks the history back in order
         assert registry.rollback(store, "m", "production") == expected
     with pytest.raises(LookupError, match="no earlier version"):
         registry.rollback(store, "m", "production")
+
+
+def test_a_create_that_got_through_before_its_answer_was_lost_is_won_not_lost(store):
+    """A PUT resent after a lost answer (or an NFS retry) finds its own record: won, not lost;
+    another writer's record there is lost."""
+    path = store.path("records", "r.json")
+    record = {"writer": "me", "n": 1}
+    assert store.create_owned(path, record) is True
+    assert store.create_owned(path, record) is True  # the retry finds its own
+    assert store.create_owned(path, {"writer": "someone else"}) is False
+    assert store.read_json(path) == record
 
 
 def version_with(storage, path, meta, dataset="d@1", **metrics):
@@ -223,12 +238,16 @@ def test_gc_lists_only_what_nothing_needs_and_deletes_it_with_yes(tmp_path, caps
 
     storage = Storage(str(tmp_path / "store"))
     at = ["--set", f"storage.root={storage.root}"]
-    # runs: one a model came from, one nothing came from; each with two checkpoints
-    for run_id in ("kept", "dropped"):
+    # finished runs: one a model came from, one nothing came from; and one not finished (it
+    # may be resumed); each with two checkpoints and Ray's snapshot of them
+    for run_id in ("kept", "dropped", "running"):
         for n in (1, 2):
             storage.write_bytes(storage.path("runs", run_id, f"checkpoint_00000{n}", "w"), b"x")
+        storage.write_bytes(storage.path("runs", run_id, "checkpoint_manager_snapshot.json"), b"")
         record = {"run_id": run_id, "dataset": f"d@{run_id}", "created_at": 0}
         storage.create(storage.path("runs", run_id, "run.json"), to_json(record).encode())
+        if run_id != "running":
+            storage.write_json(storage.path("runs", run_id, "test_metrics.json"), {})
     ckpt, meta = checkpoint(storage, tmp_path / "ckpt")
     used = storage.path("runs", "kept", "checkpoint_000002")
     lineage = {"run_id": "kept", "checkpoint": used, "dataset": "d@model"}
@@ -242,28 +261,35 @@ def test_gc_lists_only_what_nothing_needs_and_deletes_it_with_yes(tmp_path, caps
     crashed.put("train/part.parquet", b"half")
     # a registration that died after taking number 2 and writing its weights
     storage.write_bytes(f"{storage.path('models', 'm', str(registry._claim(storage, 'm')))}/w", b"")
+    # an unreadable manifest is reported, and its folder left alone
+    storage.write_bytes(storage.path("datasets", "d", "broken", "_manifest.json"), b"{not json")
 
     assert main(["gc", "--older-than", "1d", *at]) == 0
-    listed = capsys.readouterr().out
-    assert "unused checkpoint" in listed and "abandoned write" not in listed  # too new
+    assert "nothing to collect" in capsys.readouterr().out  # all of it is too new
     assert main(["gc", "--older-than", "0", *at]) == 0
     listed = capsys.readouterr().out
+    orphan = storage.path("datasets", "d", "orphan")
     expected = {
         ("abandoned write", crashed.base),
         ("abandoned write", storage.path("models", "m", "2", "w")),
         ("unused checkpoint", storage.path("runs", "dropped", "checkpoint_000001")),
         ("unused checkpoint", storage.path("runs", "dropped", "checkpoint_000002")),
-        ("unreferenced dataset", storage.path("datasets", "d", "orphan")),
+        ("unreferenced dataset", f"{orphan}/{read_manifest(storage, orphan)['prefix']}"),
     }
-    rows = {(line[:22].strip(), line.split()[-1]) for line in listed.splitlines()[:-1]}
+    lines = listed.splitlines()
+    assert lines[0].startswith("skipped (unreadable): ") and "broken/_manifest.json" in lines[0]
+    rows = {(line[:22].strip(), line.split()[-1]) for line in lines[1:-1]}
     assert rows == expected and "5 item(s); run again with --yes" in listed
     assert main(["gc", "--older-than", "0", "--yes", *at]) == 0
     assert "deleted 5 item(s)" in capsys.readouterr().out
     assert main(["gc", "--older-than", "0", *at]) == 0
     assert "nothing to collect" in capsys.readouterr().out
-    # what something references is all still there, whole
+    # what something references, or may still resume, is all still there, whole
+    storage.remove(storage.path("datasets", "d", "broken"))  # (listing versions names it too)
     assert [v.version for v in list_versions(storage, "d")] == ["kept", "model"]
     assert all(verify_dataset(storage, v) == [] for v in list_versions(storage, "d"))
     assert registry.verify_version(storage, registry.get_version(storage, "m", 1)) == []
     assert storage.exists(used) and storage.exists(storage.path("runs", "dropped", "run.json"))
+    assert storage.exists(storage.path("runs", "running", "checkpoint_000001"))
+    assert storage.exists(storage.path("runs", "dropped", "checkpoint_manager_snapshot.json"))
     assert registry._claim(storage, "m") == 3  # a number once taken is never given again

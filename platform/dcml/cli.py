@@ -340,10 +340,11 @@ def data_show(
     rows = m["rows"]
     dropped = ", ".join(f"{n} {why}" for why, n in rows["dropped"].items() if n) or "none"
     cols = m["columns"]
+    sources = len(m.get("source_files", m.get("files", [])))  # "files" before manifest format 3
     report = GateReport([[CheckResult(**c) for c in r] for r in m["gate"]["rounds"]])
     typer.echo(
         f"dataset      {dv.ref}\n"
-        f"source       {m['source']} ({len(m['source_files'])} {m['format']} file(s))\n"
+        f"source       {m['source']} ({sources} {m['format']} file(s))\n"
         f"task         {m['task']}" + (f", classes {m['classes']}" if m["classes"] else "") + "\n"
         f"rows         {rows['raw']} raw; train {rows['train']}, validation {rows['validation']}, "
         f"test {rows['test']}; augmented {rows['augmented']}\n"

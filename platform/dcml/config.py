@@ -26,7 +26,7 @@ from dcml.config_sections import (
     TuneConfig,
     _Section,
 )
-from dcml.train.metrics import mode_of
+from dcml.direction import mode_of
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_config"]
 
@@ -90,6 +90,8 @@ def _field_problem(path: str) -> str | None:
             return "is a section; name a field in it"
     if parts[0] in ("storage", "cluster", "serve", "tune", "data"):
         return "a sweep varies the model and its training (model.*, train.*, seed)"
+    if path == "train.epochs":
+        return "a trial's epoch budget is tune.epochs (ASHA stops trials early by epoch)"
     return None
 
 

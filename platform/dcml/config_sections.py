@@ -368,14 +368,22 @@ class TuneConfig(_Section):
 
 
 class ServeAutoscaling(_Section):
-    """Ray Serve's `autoscaling_config`: these fields are checked here; its other keys
-    (`upscale_delay_s`, `downscale_delay_s`, `metrics_interval_s`, ...) pass through to Serve."""
+    """Ray Serve's `autoscaling_config`; a field left unset keeps Serve's default."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(
         8, gt=0, description="Requests in flight per replica that autoscaling aims at."
+    )
+    upscale_delay_s: float | None = Field(None, ge=0, description="Load this long before adding.")
+    downscale_delay_s: float | None = Field(
+        None, ge=0, description="Quiet this long before removing a replica."
+    )
+    metrics_interval_s: float | None = Field(
+        None, gt=0, description="How often replicas report their load."
+    )
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="The window that load is averaged over."
     )
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 Three kinds, each only when older than the given age:
 * abandoned writes: a writer's `tx-*` prefix that no manifest lists (a crashed or losing writer),
   a claimed model number whose version was never committed, and local temporary files;
-* checkpoints of runs and sweeps that no registered model came from;
+* checkpoints of finished runs and sweeps that no registered model came from (a run that has
+  not finished may still be resumed, so it keeps them);
 * dataset versions that no run and no model names.
 
 Nothing a manifest lists is deleted while something references it. A dataset version is deleted
@@ -12,6 +13,7 @@ manifest first, so it stops existing before any of its files go.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +23,13 @@ from dcml.layout import (
     MANIFEST,
     MODEL_JSON,
     RUN_JSON,
+    TEST_METRICS,
     dataset_folder,
     model_folder,
+    raw_folder,
     run_folder,
 )
-from dcml.storage import LOCAL_TMP, TX_PREFIX, Storage, read_manifest, tx_age_s
+from dcml.storage import LOCAL_TMP, TX_PREFIX, DamagedError, Storage, read_manifest, tx_age_s
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,14 @@ def _model_debris(storage: Storage, now: float, min_age: float):
     for name in storage.ls(models):
         for entry in storage.ls(f"{models}/{name}"):
             folder = f"{models}/{name}/{entry}"
-            committed = entry.isdigit() and read_manifest(storage, folder, MODEL_JSON) is not None
+            committed = entry.isdigit() and _tolerant(storage, folder, MODEL_JSON) is not None
             if committed:  # only a local temporary file can be left in it
                 yield from _abandoned_in(storage, folder, None, now, min_age)
             elif entry.isdigit():
                 # a registration that never committed: its files go, its claim stays, so the
                 # number is never handed out again (a slow writer may still hold it)
-                claim = read_manifest(storage, folder, CLAIM)
-                age = now - claim["at"] if claim else _age(storage, folder, now)
+                claim = _tolerant(storage, folder, CLAIM)
+                age = now - claim["at"] if claim and "at" in claim else _age(storage, folder, now)
                 if age is not None and age >= min_age:
                     for left in storage.ls(folder):
                         if left != CLAIM:
@@ -86,73 +90,108 @@ def _model_debris(storage: Storage, now: float, min_age: float):
                     yield from _abandoned_in(storage, f"{folder}/{alias}", None, now, min_age)
 
 
-def _references(storage: Storage) -> tuple[set[str], set[str], list[str]]:
-    """(dataset refs, run/sweep ids, checkpoint paths) that runs and models name."""
-    datasets, runs, checkpoints = set(), set(), []
+def _tolerant(storage: Storage, folder: str, marker: str) -> dict[str, Any] | None:
+    """A manifest or record, {} if it cannot be read (such a folder is never collected)."""
+    try:
+        return read_manifest(storage, folder, marker)
+    except DamagedError:
+        return {}
+
+
+def _references(storage: Storage) -> tuple[set[str], set[str]]:
+    """(dataset refs, run/sweep ids) that runs and models name."""
+    datasets, runs = set(), set()
     for run_id in storage.ls(run_folder(storage)):
-        record = read_manifest(storage, run_folder(storage, run_id), RUN_JSON)
+        record = _tolerant(storage, run_folder(storage, run_id), RUN_JSON)
         if record:
             datasets.add(record.get("dataset"))
     models = model_folder(storage)
     for name in storage.ls(models):
         for entry in storage.ls(f"{models}/{name}"):
-            meta = read_manifest(storage, f"{models}/{name}/{entry}", MODEL_JSON)
+            meta = _tolerant(storage, f"{models}/{name}/{entry}", MODEL_JSON)
             lineage: dict[str, Any] = (meta or {}).get("lineage", {})
             datasets.add(lineage.get("dataset"))
             runs.update(filter(None, (lineage.get("run_id"), lineage.get("sweep_id"))))
-            if lineage.get("checkpoint"):
-                checkpoints.append(lineage["checkpoint"])
-    return datasets, runs, checkpoints
+    return datasets, runs
 
 
-def find_garbage(storage: Storage, min_age_s: float, now: float | None = None) -> list[Garbage]:
-    now = now or time.time()
-    found = list(_model_debris(storage, now, min_age_s))
-    for area in ("datasets", "raw"):
-        top = storage.path(area)
-        folders = [f"{top}/{n}" for n in storage.ls(top)]
-        if area == "datasets":
-            folders = [f"{d}/{v}" for d in folders for v in storage.ls(d)]
-        for folder in folders:
-            manifest = read_manifest(storage, folder, MANIFEST)
-            keep = manifest.get("prefix") if manifest else None
-            found += _abandoned_in(storage, folder, keep, now, min_age_s)
+FINISHED = (TEST_METRICS, "trials.parquet")  # written when a train run / a sweep has finished
+CHECKPOINT = re.compile(r"checkpoint_\d+$")  # Ray's checkpoint folders (not its snapshot files)
 
-    datasets, runs, checkpoints = _references(storage)
+
+def _runs_done(storage: Storage, runs: set[str], now: float, min_age: float):
+    """Checkpoints of finished runs and sweeps that no model came from. A run that has not
+    finished (still training, or waiting to be resumed) keeps all of them."""
     for run_id in storage.ls(run_folder(storage)):
         run = run_folder(storage, run_id)
-        record = read_manifest(storage, run, RUN_JSON)
-        if record is None or "created_at" not in record or run_id in runs:
-            continue  # unknown age, or a model came from it
-        age = now - record["created_at"]
-        if age < min_age_s:
+        ages = [_age(storage, f"{run}/{name}", now) for name in FINISHED]
+        age = max((a for a in ages if a is not None), default=None)
+        if run_id in runs or age is None or age < min_age:
             continue
         for path in storage.fs.glob(f"{run}/**/checkpoint_*"):
-            if not any(c == path or c.startswith(f"{path}/") for c in checkpoints):
-                found.append(Garbage("unused checkpoint", path, age))
+            if CHECKPOINT.search(path) and storage.fs.isdir(path):
+                yield Garbage("unused checkpoint", path, age)
+
+
+def find_garbage(
+    storage: Storage, min_age_s: float, now: float | None = None, problems: list | None = None
+) -> list[Garbage]:
+    """Everything older than `min_age_s` that nothing needs. A manifest that cannot be read is
+    reported in `problems` and its folder left alone."""
+    now = now or time.time()
+    problems = [] if problems is None else problems
+
+    def manifest_of(folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
+        try:
+            return read_manifest(storage, folder, marker)
+        except DamagedError as e:
+            if str(e) not in problems:
+                problems.append(str(e))
+            return {"unreadable": True}
+
+    found = list(_model_debris(storage, now, min_age_s))
+    raw = [raw_folder(storage, n) for n in storage.ls(raw_folder(storage))]
     top = dataset_folder(storage)
-    for name in storage.ls(top):
-        for version in storage.ls(f"{top}/{name}"):
-            manifest = read_manifest(storage, f"{top}/{name}/{version}", MANIFEST)
-            if manifest is None or f"{name}@{version}" in datasets:
-                continue
-            age = now - manifest.get("committed_at", manifest.get("created_at", now))
-            if age >= min_age_s:
-                folder = f"{top}/{name}/{version}"
-                found.append(Garbage("unreferenced dataset", folder, age, f"{folder}/{MANIFEST}"))
+    versions = [f"{top}/{n}/{v}" for n in storage.ls(top) for v in storage.ls(f"{top}/{n}")]
+    for folder in raw + versions:
+        manifest = manifest_of(folder)
+        if manifest is not None and manifest.get("unreadable"):
+            continue
+        keep = manifest.get("prefix") if manifest else None
+        found += _abandoned_in(storage, folder, keep, now, min_age_s)
+
+    datasets, runs = _references(storage)
+    found += _runs_done(storage, runs, now, min_age_s)
+    for folder in versions:
+        manifest = manifest_of(folder)
+        ref = "@".join(folder.rsplit("/", 2)[-2:])
+        if not manifest or manifest.get("unreadable") or ref in datasets:
+            continue
+        age = now - manifest.get("committed_at", manifest.get("created_at", now))
+        if age >= min_age_s:  # its manifest, then its own files (not a later writer's)
+            own = f"{folder}/{manifest['prefix']}" if manifest.get("prefix") else folder
+            found.append(Garbage("unreferenced dataset", own, age, f"{folder}/{MANIFEST}"))
     return found
 
 
 def delete(storage: Storage, garbage: list[Garbage]) -> None:
+    """Delete what `find_garbage` listed; dataset versions are checked once more for a run or
+    model that names them (one may have started meanwhile)."""
+    datasets = _references(storage)[0] if any(g.manifest for g in garbage) else set()
     for g in garbage:
         if g.manifest:
+            if "@".join(g.manifest.rsplit("/", 3)[-3:-1]) in datasets:
+                continue
             storage.remove(g.manifest)
         storage.remove(g.path)
 
 
 def collect(storage: Storage, older_than: str, yes: bool, echo) -> list[Garbage]:
     """List what is older than `older_than` (30m, 24h, 7d) and, with `yes`, delete it."""
-    found = find_garbage(storage, parse_age(older_than))
+    problems: list[str] = []
+    found = find_garbage(storage, parse_age(older_than), problems=problems)
+    for problem in problems:
+        echo(f"skipped (unreadable): {problem}")
     for g in found:
         echo(f"{g.kind:<22}{g.age_s / 3600:>8.1f} h  {storage.to_uri(g.path)}")
     if not found:

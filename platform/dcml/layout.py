@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from dcml.storage import Storage
 
 MANIFEST = "_manifest.json"  # a committed folder's manifest (dataset, raw data, predictions)
@@ -34,7 +32,7 @@ PLOTS = "plots"
 REPORT = "report.html"
 
 
-def raw_folder(storage: Storage, name: str) -> str:
+def raw_folder(storage: Storage, name: str = "") -> str:
     return storage.path("raw", name)
 
 
@@ -57,14 +55,3 @@ def alias_folder(storage: Storage, name: str, alias: str = "") -> str:
 def read_weights(storage: Storage, folder: str) -> bytes:
     """The safetensors bytes of a checkpoint or model version folder."""
     return storage.read_bytes(f"{folder}/{WEIGHTS}")
-
-
-def load_model(storage: Storage, folder: str, spec: dict) -> nn.Module:
-    """The model of a checkpoint or model version folder, its weights loaded without pickle."""
-    from safetensors.torch import load
-
-    from dcml.train.model import build_model
-
-    model = build_model(spec)
-    model.load_state_dict(load(read_weights(storage, folder)))
-    return model

@@ -27,11 +27,12 @@ from dcml.data.catalog import DatasetVersion, read_split_numpy, require_dataset,
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import preprocess
+from dcml.direction import best_by
 from dcml.layout import META, RUN_JSON, read_weights, run_folder
 from dcml.predictor import Predictor
 from dcml.report import write_report
 from dcml.storage import Storage, to_json
-from dcml.train.metrics import best_by, task_metrics
+from dcml.train.metrics import task_metrics
 from dcml.train.step import evaluate
 from dcml.train.trainer import TrainOutcome, fit, loss_of, new_run_id
 

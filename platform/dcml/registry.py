@@ -17,12 +17,13 @@ import getpass
 import math
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from dcml.direction import better, mode_of
 from dcml.layout import CLAIM, MODEL_JSON, WEIGHTS, alias_folder, model_folder, read_weights
-from dcml.storage import Commit, Storage, check_files, read_manifest, require_intact, to_json
-from dcml.train.metrics import better
+from dcml.storage import Commit, Storage, check_files, read_manifest, require_intact
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,12 @@ def _claim(storage: Storage, name: str) -> int:
     not) whose claim file this process creates."""
     parent = model_folder(storage, name)
     taken = max([0, *(int(e) for e in storage.ls(parent) if e.isdigit())])
+    writer = uuid.uuid4().hex
     for version in range(taken + 1, taken + 1000):
-        try:
-            record = {"by": who(), "at": time.time()}
-            storage.create(f"{parent}/{version}/{CLAIM}", to_json(record).encode())
+        record = {"by": who(), "at": time.time(), "writer": writer}
+        if storage.create_owned(f"{parent}/{version}/{CLAIM}", record):
             return version
-        except FileExistsError:
-            continue  # another writer took this number; take the next
+        # another writer took this number; take the next
     raise RuntimeError(f"could not take a version number under {storage.to_uri(parent)}")
 
 
@@ -131,12 +131,8 @@ def _stack(history: list[dict[str, Any]]) -> list[int]:
 def _append(storage, name, alias, history, entry) -> bool:
     """Add the alias's next history entry; False if another writer took that place first."""
     path = f"{alias_folder(storage, name, alias)}/{len(history):08d}.json"
-    entry = {**entry, "at": time.time(), "by": who()}
-    try:
-        storage.create(path, to_json(entry).encode())
-        return True
-    except FileExistsError:
-        return False
+    entry = {**entry, "at": time.time(), "by": who(), "writer": uuid.uuid4().hex}
+    return storage.create_owned(path, entry)
 
 
 class PromotionRefused(ValueError):
@@ -147,7 +143,8 @@ def test_metric(meta: dict[str, Any]) -> tuple[str, str, float | None]:
     """A version's gating metric: the test-split twin of its training metric, its mode, value."""
     train = meta.get("config", {}).get("train", {})
     name = "test_" + str(train.get("metric", "val_roc_auc")).removeprefix("val_")
-    return name, train.get("mode", "max"), meta.get("metrics", {}).get(name)
+    mode = train.get("mode") if train.get("mode") in ("min", "max") else mode_of(name)
+    return name, mode, meta.get("metrics", {}).get(name)
 
 
 def _usable(value: Any) -> bool:
@@ -206,12 +203,23 @@ def set_alias(
 
 
 def rollback(storage: Storage, name: str, alias: str) -> int:
-    """Point `alias` back at the version it pointed at before its latest promotion."""
+    """Point `alias` back at the version it pointed at before its latest promotion.
+
+    Conditional on what the alias pointed at when called: if another promotion or rollback
+    moves it first, this one is not applied (two operators undoing one bad version undo it
+    once)."""
+    undoing = None
     for _ in range(1000):
         history = alias_history(storage, name, alias)
         stack = _stack(history)
+        if undoing is not None and stack[-1:] != [undoing]:
+            now = stack[-1] if stack else None
+            raise RuntimeError(
+                f"{name}@{alias} moved from {undoing} to {now} meanwhile; not rolled back"
+            )
         if len(stack) < 2:
             raise LookupError(f"{name}@{alias} has no earlier version to roll back to")
+        undoing = stack[-1]
         if _append(storage, name, alias, history, {"version": stack[-2], "action": "rollback"}):
             return stack[-2]
     raise RuntimeError(f"could not roll back {name}@{alias}: too many concurrent changes")

@@ -157,7 +157,7 @@ def app_builder(args: dict[str, Any]):
         "max_ongoing_requests": max(64, parsed.max_batch_size),
     }
     if parsed.autoscaling:
-        options["autoscaling_config"] = parsed.autoscaling.model_dump()
+        options["autoscaling_config"] = parsed.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = parsed.num_replicas
     return ModelServer.options(**options).bind(parsed.model_dump())

@@ -105,7 +105,11 @@ class Storage:
             return f.read()
 
     def read_json(self, path: str) -> dict[str, Any]:
-        return json.loads(self.read_bytes(path))
+        data = self.read_bytes(path)
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedError(f"{self.to_uri(path)} is not valid JSON ({e})") from None
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """A plain write, for files under a prefix that only this writer uses."""
@@ -143,7 +147,27 @@ class Storage:
                 f"{self.to_uri(path)}: dcml commits by exclusive create, which it uses on "
                 f"{', '.join(sorted(EXCLUSIVE_CREATE))} only (see docs/storage.md)"
             )
-        self.fs.pipe_file(path, data, mode="create")
+        for attempt in range(5):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return
+            except FileExistsError:
+                raise
+            except OSError as e:  # S3 answers a conditional PUT racing another with 409
+                if "409" not in str(e) and "Conflict" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+
+    def create_owned(self, path: str, record: dict[str, Any]) -> bool:
+        """`create` of a JSON record carrying a `writer` id of its own: True if this writer's
+        record is there now, False if another writer's is. A create that failed because its own
+        earlier attempt got through (a PUT resent after a lost answer, an NFS retry) counts as
+        won, never as lost."""
+        try:
+            self.create(path, to_json(record).encode())
+            return True
+        except FileExistsError:
+            return read_json_or_none(self, path, {}).get("writer") == record["writer"]
 
     def _local_tmp(self, path: str, data: bytes) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -204,6 +228,7 @@ class Commit:
     marker: str = MANIFEST
     prefix: str = field(default_factory=new_tx)
     files: list[dict[str, Any]] = field(default_factory=list)
+    writer: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def base(self) -> str:
@@ -227,15 +252,25 @@ class Commit:
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Create the manifest: from here on the thing exists. FileExistsError if another writer
-        committed this folder first (this writer's files are then left for `abort`)."""
+        committed this folder first (this writer's files are then left for `abort`).
+
+        Once committed, no other writer can ever commit this folder, so the `tx-*` prefixes of
+        writers that lost or crashed are removed here: readers that list the folder themselves
+        (pyarrow, Spark) then see only the committed files."""
         manifest = {
             **meta,
             "manifest_format": FORMAT,
             "prefix": self.prefix,
             "files": sorted(self.files, key=lambda e: e["path"]),
             "committed_at": time.time(),
+            "writer": self.writer,
         }
-        self.storage.create(f"{self.folder}/{self.marker}", to_json(manifest).encode())
+        if not self.storage.create_owned(f"{self.folder}/{self.marker}", manifest):
+            raise FileExistsError(f"{self.storage.to_uri(self.folder)} was committed by another")
+        if self.prefix:
+            for entry in self.storage.ls(self.folder):
+                if entry.startswith(TX_PREFIX) and entry != self.prefix:
+                    self.storage.remove(f"{self.folder}/{entry}")
         return manifest
 
     def abort(self) -> None:
@@ -254,7 +289,7 @@ def lists_files(manifest: dict[str, Any]) -> bool:
 
 def require_new_output(storage: Storage, folder: str, uri: str) -> None:
     """Refuse an output folder that holds a committed thing or anything but writers' leftovers
-    (`tx-*` prefixes of a crashed earlier write, which a rerun leaves for `dcml gc`)."""
+    (`tx-*` prefixes of a crashed earlier write, which the rerun's commit removes)."""
     if read_manifest(storage, folder) is not None:
         raise FileExistsError(f"{uri} exists; stored data is never overwritten")
     foreign = [e for e in storage.ls(folder) if not e.startswith(TX_PREFIX)]
@@ -264,11 +299,17 @@ def require_new_output(storage: Storage, folder: str, uri: str) -> None:
         )
 
 
-def read_manifest(storage: Storage, folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
+def read_json_or_none(storage: Storage, path: str, default: Any = None) -> Any:
     try:
-        return storage.read_json(f"{folder}/{marker}")
+        return storage.read_json(path)
     except FileNotFoundError:
-        return None
+        return default
+
+
+def read_manifest(storage: Storage, folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
+    """A committed thing's manifest, or None if the folder holds no committed thing; a manifest
+    that is not valid JSON is a DamagedError naming it."""
+    return read_json_or_none(storage, f"{folder}/{marker}")
 
 
 def check_files(

@@ -17,9 +17,9 @@ from typing import Any
 
 from dcml.config import PipelineConfig, with_values
 from dcml.data.catalog import DatasetVersion
+from dcml.direction import best_by
 from dcml.layout import META, run_folder
 from dcml.storage import Storage
-from dcml.train.metrics import best_by
 from dcml.train.session import PBT_STEP
 
 TRIAL_CPU = 0.01  # the trial function only waits on its trainer; Train workers hold the CPUs

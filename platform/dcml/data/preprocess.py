@@ -283,18 +283,19 @@ def _duplicates(ds) -> tuple[np.ndarray, int]:
 
 
 def _data_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The data config as stored and fingerprinted: never the source's credentials."""
+    """The data config as stored: never the source's credentials."""
     return cfg.data.model_dump(mode="json", exclude={"storage_options"})
 
 
 def _fingerprint(cfg: PipelineConfig, fs, files: list[str]) -> str:
-    """SHA-256 over the inputs' bytes (their names relative to the source, so the same files
-    under another path or URI are the same inputs), the data config and the seed."""
+    """SHA-256 over the inputs' bytes (with their file names, not their folder: the same files
+    under another path or URI are the same inputs), the data config less where the files are,
+    and the seed."""
     with ThreadPoolExecutor(8) as pool:  # object stores: reads overlap
         digests = list(pool.map(lambda f: _file_sha256(fs, f), files))
     inputs = {
         "files": [[f.rsplit("/", 1)[-1], h] for f, h in zip(files, digests, strict=True)],
-        "data": _data_config(cfg),
+        "data": {k: v for k, v in _data_config(cfg).items() if k != "source"},
         "seed": cfg.seed,
         "format": FORMAT,
     }

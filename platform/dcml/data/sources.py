@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import fsspec
 import numpy as np
@@ -79,7 +80,12 @@ def resolve_files(
         raise DataError(f"{uri}: cannot open this location: {e}") from e
     if any(ch in path for ch in "*?["):
         base = path[: min(path.find(ch) % (len(path) + 1) for ch in "*?[")].rsplit("/", 1)[0]
-        files = [f for f in fs.glob(path) if _visible(f, base)]
+        files = _committed_only(fs, [f for f in fs.glob(path) if _visible(f, base)])
+        if not files and fs.exists(f"{base}/{MANIFEST}"):
+            raise DataError(
+                f"no files match {uri}: {base} is a folder dcml wrote (its files are under a "
+                f"{TX_PREFIX}* folder that its {MANIFEST} lists); give the folder itself"
+            )
     elif fs.isdir(path):
         files = _folder_files(fs, path.rstrip("/"), uri)
         if fmt != "auto":
@@ -111,6 +117,28 @@ def _visible(path: str, base: str) -> bool:
     debris and markers (`.tmp-*`, `_temporary/`, `_SUCCESS`, `_manifest.json`) are not data."""
     rel = path[len(base) :].strip("/") if path.startswith(base) else path.rsplit("/", 1)[-1]
     return not any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _committed_only(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[str]:
+    """Files matched inside folders that dcml wrote: only those their folder's manifest lists
+    (never a crashed or losing writer's)."""
+    manifests: dict[str, set[str]] = {}
+    kept = []
+    for f in files:
+        found = re.search(rf"^(.*)/({TX_PREFIX}[^/]+/.*)$", f)
+        if found is None:
+            kept.append(f)
+            continue
+        folder, rel = found[1], found[2]
+        if folder not in manifests:
+            try:
+                manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
+                manifests[folder] = {e["path"] for e in manifest.get("files", [])}
+            except FileNotFoundError:
+                manifests[folder] = set()
+        if rel in manifests[folder]:
+            kept.append(f)
+    return kept
 
 
 def _folder_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:

@@ -61,3 +61,14 @@ def build_model(spec: dict[str, Any]) -> nn.Sequential:
 def n_outputs(task: str, classes: list | None) -> int:
     """The model's outputs: one per class (multiclass), else one (a logit or a value)."""
     return len(classes) if task == "multiclass" else 1
+
+
+def load_model(storage, folder: str, spec: dict[str, Any]) -> nn.Sequential:
+    """The model of a checkpoint or model version folder, its weights loaded without pickle."""
+    from safetensors.torch import load
+
+    from dcml.layout import read_weights
+
+    model = build_model(spec)
+    model.load_state_dict(load(read_weights(storage, folder)))
+    return model

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from dcml.data.catalog import DatasetVersion, read_split_numpy
-from dcml.layout import HISTORY, META, PLOTS, load_model
+from dcml.layout import HISTORY, META, PLOTS
 from dcml.storage import Storage
 from dcml.train.checkpoint import parse_history
 from dcml.train.metrics import task_metrics
+from dcml.train.model import load_model
 from dcml.train.step import predict
 
 

@@ -150,7 +150,8 @@ class LocalSession:
     def checkpoints(self) -> list[str]:
         if not os.path.isdir(self.folder):
             return []
-        found = sorted(n for n in os.listdir(self.folder) if n.startswith("checkpoint_"))
+        names = os.listdir(self.folder)
+        found = sorted(n for n in names if n.startswith("checkpoint_") and n[11:].isdigit())
         return [os.path.join(self.folder, n) for n in found]
 
     def checkpoint(self) -> LocalCheckpoint | None:
@@ -159,6 +160,7 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
         self.reported.append(metrics)
-        if directory:
-            n = len(self.checkpoints())
-            shutil.copytree(directory, os.path.join(self.folder, f"checkpoint_{n:06d}"))
+        if directory:  # copied whole under a temporary name, then renamed (one step locally)
+            final = os.path.join(self.folder, f"checkpoint_{len(self.checkpoints()):06d}")
+            shutil.copytree(directory, f"{final}.tmp")
+            os.rename(f"{final}.tmp", final)

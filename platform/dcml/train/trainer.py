@@ -17,12 +17,12 @@ from safetensors.torch import load
 
 from dcml.config import PipelineConfig
 from dcml.data.catalog import DatasetVersion
+from dcml.direction import best_by
 from dcml.layout import META, TEST_METRICS, read_weights, run_folder
 from dcml.storage import Storage
 from dcml.train.checkpoint import freeze, load_matching
 from dcml.train.ingest import split_dataset
 from dcml.train.loop import train_func
-from dcml.train.metrics import best_by
 from dcml.train.model import build_model, model_spec, n_outputs
 from dcml.train.outputs import evaluate_checkpoint, publish_history, write_plots
 from dcml.train.step import make_loss
