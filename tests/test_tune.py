@@ -94,7 +94,8 @@ def test_optuna_searches_the_space(bc):
 
 def test_asha_stops_a_bad_trial_early(bc):
     """Two trials with a useful learning rate reach each rung first; two that barely move the
-    weights fall below the cut there and ASHA stops them before the sweep's epoch budget."""
+    weights fall below the cut there and ASHA stops them before the sweep's epoch budget (of
+    the good two, ASHA may stop the worse at the second rung too)."""
     root, dv = bc
     cfg = make_config(
         root,
@@ -110,10 +111,12 @@ def test_asha_stops_a_bad_trial_early(bc):
         model={"depth": 1, "width": 8},
     )
     _, outcome = stage_tune(cfg, dv.ref, "asha1", quiet)
-    by_lr = {t["train.lr"]: t for t in outcome.trials}
-    assert by_lr[1e-2]["status"] == "finished" and by_lr[1e-2]["epochs"] == 4
+    finished = [t for t in outcome.trials if t["status"] == "finished"]
     stopped = [t for t in outcome.trials if t["status"] == "stopped early"]
-    assert stopped and all(t["train.lr"] < 1e-8 and t["epochs"] < 4 for t in stopped)
+    assert finished and all(t["epochs"] == 4 and t["train.lr"] >= 1e-2 for t in finished)
+    # the two that barely learn are cut at the first rung, below the good trials' values there
+    assert {t["train.lr"] for t in stopped} >= {1e-9, 2e-9}
+    assert all(t["epochs"] < 4 for t in stopped)
     assert outcome.params["train.lr"] >= 1e-2
 
 
