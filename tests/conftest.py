@@ -90,6 +90,25 @@ def start_dcml(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
     )
 
 
+# moto's server as `python -m moto.server` runs it, but taking one request at a time: moto 5.2.5
+# checks If-None-Match and then stores the object, unlocked, in a threaded server, so two
+# concurrent creates of one key can both succeed (S3 lets exactly one win: the other gets 412).
+# Two writers claiming one version number at once met that race here.
+MOTO_ONE_AT_A_TIME = """
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app,
+)
+app, lock = DomainDispatcherApplication(create_backend_app), threading.Lock()
+def one_at_a_time(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+run_simple("127.0.0.1", int(sys.argv[1]), one_at_a_time, threaded=True,
+           request_handler=MotoRequestHandler)
+"""
+
+
 @contextmanager
 def moto_s3(bucket: str):
     """An S3 API server on loopback (moto's server mode) with `bucket`; yields fsspec options."""
@@ -97,7 +116,7 @@ def moto_s3(bucket: str):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", MOTO_ONE_AT_A_TIME, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

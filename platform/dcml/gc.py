@@ -1,8 +1,9 @@
 """`dcml gc`: what a storage root holds that nothing needs, and (with --yes) deleting it.
 
 Three kinds, each only when older than the given age:
-* abandoned writes: a writer's `tx-*` prefix that no manifest lists (a crashed or losing writer),
-  a claimed model number whose version was never committed, and local temporary files;
+* abandoned writes, anywhere under the root: a writer's `tx-*` prefix that its folder's manifest
+  does not name (a crashed or losing writer), the files of a claimed model number whose version
+  was never committed, and local temporary files;
 * checkpoints of finished runs and sweeps that no registered model came from (a run that has
   not finished may still be resumed, so it keeps them);
 * dataset versions that no run and no model names.
@@ -26,7 +27,6 @@ from dcml.layout import (
     TEST_METRICS,
     dataset_folder,
     model_folder,
-    raw_folder,
     run_folder,
 )
 from dcml.storage import LOCAL_TMP, TX_PREFIX, DamagedError, Storage, read_manifest, tx_age_s
@@ -43,51 +43,51 @@ class Garbage:
 def _age(storage: Storage, path: str, now: float) -> float | None:
     """Seconds since a file was last written; None if the store does not say."""
     try:
-        info = storage.fs.info(path)
+        stamp = _stamp(storage.fs.info(path))
     except FileNotFoundError:
         return None
+    return None if stamp is None else now - stamp
+
+
+def _stamp(info: dict[str, Any]) -> float | None:
     stamp = info.get("mtime") or info.get("LastModified") or info.get("updated")
     if stamp is None:
         return None
-    if hasattr(stamp, "timestamp"):
-        stamp = stamp.timestamp()
-    return now - float(stamp)
+    return float(stamp.timestamp() if hasattr(stamp, "timestamp") else stamp)
 
 
-def _abandoned_in(storage: Storage, folder: str, keep: str | None, now: float, min_age: float):
-    """Writer prefixes and local temporary files in a committed-thing folder, except `keep`."""
-    for entry in storage.ls(folder):
-        path = f"{folder}/{entry}"
-        if entry.startswith(TX_PREFIX) and entry != keep:
-            age = tx_age_s(entry, now)
-        elif LOCAL_TMP in entry:
-            age = _age(storage, path, now)
-        else:
-            continue
-        if age is not None and age >= min_age:
-            yield Garbage("abandoned write", path, age)
-
-
-def _model_debris(storage: Storage, now: float, min_age: float):
-    models = model_folder(storage)
-    for name in storage.ls(models):
-        for entry in storage.ls(f"{models}/{name}"):
-            folder = f"{models}/{name}/{entry}"
-            committed = entry.isdigit() and _tolerant(storage, folder, MODEL_JSON) is not None
-            if committed:  # only a local temporary file can be left in it
-                yield from _abandoned_in(storage, folder, None, now, min_age)
-            elif entry.isdigit():
-                # a registration that never committed: its files go, its claim stays, so the
-                # number is never handed out again (a slow writer may still hold it)
-                claim = _tolerant(storage, folder, CLAIM)
-                age = now - claim["at"] if claim and "at" in claim else _age(storage, folder, now)
-                if age is not None and age >= min_age:
-                    for left in storage.ls(folder):
-                        if left != CLAIM:
-                            yield Garbage("abandoned write", f"{folder}/{left}", age)
-            elif entry == "aliases":
-                for alias in storage.ls(f"{folder}"):
-                    yield from _abandoned_in(storage, f"{folder}/{alias}", None, now, min_age)
+def _abandoned(storage: Storage, now: float, min_age: float, manifest_of):
+    """One listing of the whole root: every writer prefix (`tx-*`) that its folder's manifest
+    does not name (a crashed or losing writer's, in any committed folder or output under the
+    root), every local temporary file, and the files of model numbers claimed but never
+    committed (their claim stays, so the number is never handed out again)."""
+    storage.fs.invalidate_cache(storage.root)
+    files = storage.fs.find(storage.root, detail=True)
+    base = storage.root + "/"
+    prefixes: dict[str, float] = {}
+    for path, info in files.items():
+        parts = path[len(base) :].split("/")
+        name = parts[-1]
+        tx = next((i for i, p in enumerate(parts) if p.startswith(TX_PREFIX)), None)
+        if tx is not None:
+            folder, prefix = base + "/".join(parts[:tx]), parts[tx]
+            manifest = manifest_of(folder) or {}
+            if not manifest.get("unreadable") and manifest.get("prefix") != prefix:
+                prefixes[f"{folder}/{prefix}"] = tx_age_s(prefix, now) or 0.0
+        elif LOCAL_TMP in name:
+            stamp = _stamp(info)
+            if stamp is not None and now - stamp >= min_age:
+                yield Garbage("abandoned write", path, now - stamp)
+        elif parts[0] == "models" and len(parts) == 4 and parts[2].isdigit() and name != CLAIM:
+            folder = base + "/".join(parts[:3])
+            if manifest_of(folder, MODEL_JSON) is None:
+                claim = _tolerant(storage, folder, CLAIM) or {}
+                age = now - claim.get("at", _stamp(info) or now)
+                if age >= min_age:
+                    yield Garbage("abandoned write", path, age)
+    for prefix, age in sorted(prefixes.items()):
+        if age >= min_age:
+            yield Garbage("abandoned write", prefix, age)
 
 
 def _tolerant(storage: Storage, folder: str, marker: str) -> dict[str, Any] | None:
@@ -141,25 +141,20 @@ def find_garbage(
     now = now or time.time()
     problems = [] if problems is None else problems
 
-    def manifest_of(folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
-        try:
-            return read_manifest(storage, folder, marker)
-        except DamagedError as e:
-            if str(e) not in problems:
-                problems.append(str(e))
-            return {"unreadable": True}
+    seen: dict[tuple[str, str], dict[str, Any] | None] = {}
 
-    found = list(_model_debris(storage, now, min_age_s))
-    raw = [raw_folder(storage, n) for n in storage.ls(raw_folder(storage))]
+    def manifest_of(folder: str, marker: str = MANIFEST) -> dict[str, Any] | None:
+        if (folder, marker) not in seen:
+            try:
+                seen[folder, marker] = read_manifest(storage, folder, marker)
+            except DamagedError as e:
+                problems.append(str(e))
+                seen[folder, marker] = {"unreadable": True}
+        return seen[folder, marker]
+
+    found = list(_abandoned(storage, now, min_age_s, manifest_of))
     top = dataset_folder(storage)
     versions = [f"{top}/{n}/{v}" for n in storage.ls(top) for v in storage.ls(f"{top}/{n}")]
-    for folder in raw + versions:
-        manifest = manifest_of(folder)
-        if manifest is not None and manifest.get("unreadable"):
-            continue
-        keep = manifest.get("prefix") if manifest else None
-        found += _abandoned_in(storage, folder, keep, now, min_age_s)
-
     datasets, runs = _references(storage)
     found += _runs_done(storage, runs, now, min_age_s)
     for folder in versions:

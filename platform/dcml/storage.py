@@ -101,6 +101,7 @@ class Storage:
         return {p[len(base) :]: int(i["size"]) for p, i in found.items() if p.startswith(base)}
 
     def read_bytes(self, path: str) -> bytes:
+        self.fs.invalidate_cache(path)  # another process may have written it since we listed
         with self.fs.open(path, "rb") as f:
             return f.read()
 
@@ -166,8 +167,14 @@ class Storage:
         try:
             self.create(path, to_json(record).encode())
             return True
-        except FileExistsError:
-            return read_json_or_none(self, path, {}).get("writer") == record["writer"]
+        except Exception as e:
+            # the create may have landed even so (an answer lost after the write, a temporary
+            # file that could not be removed after the link): the record there decides
+            if read_json_or_none(self, path, {}).get("writer") == record["writer"]:
+                return True
+            if isinstance(e, FileExistsError):
+                return False
+            raise
 
     def _local_tmp(self, path: str, data: bytes) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -241,7 +248,11 @@ class Commit:
     def put(self, name: str, data: bytes) -> str:
         """Write one file (name relative to this writer's prefix); its full path."""
         path = f"{self.base}/{name}"
-        self.storage.write_bytes(path, data)
+        try:
+            self.storage.write_bytes(path, data)
+        except BaseException:
+            self.storage.remove(path)  # a torn write is not left behind
+            raise
         self.files.append(file_entry(self.relative(name), data))
         return path
 
