@@ -250,7 +250,7 @@ def test_property_based_requests_from_the_openapi_schema_find_no_5xx(served, tmp
             "--request-timeout",
             "30",
             "--max-time",
-            "45",
+            "20",
         ],
         capture_output=True,
         text=True,

@@ -163,7 +163,7 @@ def epochs_of(trial: Path) -> list[int]:
 def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
     """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while its second trial
     runs; `--resume` keeps the finished trial and finishes the rest."""
-    write_shards(tmp_path / "raw", synth_table(12_000, 0, 0), 4)
+    write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
     epochs = 8
     raw = {
         "storage": {"root": str(tmp_path / "store")},

@@ -179,8 +179,12 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
             "config": {"seed": cfg.seed, "data": _data_config(cfg)},
         }
         manifest = written["commit"].commit(manifest)
-    except FileExistsError:  # a concurrent run of the same inputs and config committed first
-        written["commit"].abort()
+    except Exception:
+        # A concurrent run of the same inputs and config may have committed this version first
+        # (its commit then removes this writer's files, and this commit or a read of them fails):
+        # its version is this one's.
+        if written:
+            written["commit"].abort()
         theirs = find_version(storage, d.name, version)
         if theirs is None:
             raise

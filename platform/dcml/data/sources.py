@@ -54,8 +54,10 @@ def collect_bundled(storage: Storage, name: str, shards: int) -> str:
                 pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), buf)
                 commit.put(f"part-{i:05d}.parquet", buf.getvalue())
             commit.commit({"kind": "raw", "source": f"bundled:{name}"})
-        except FileExistsError:  # another process collected it first: theirs is as good
+        except Exception:  # another process collected it first (theirs is as good), or not
             commit.abort()
+            if read_manifest(storage, final) is None:
+                raise
         except BaseException:
             commit.abort()
             raise
