@@ -17,9 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(BIN)/dcml run $(CONFIG)
 
-# two workers: the tests on Ray on one, the tests without Ray beside them (tests/conftest.py)
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess_bench.py --sizes 500000:8,2000000:16,5000000:32,5000000:64

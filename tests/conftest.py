@@ -20,16 +20,6 @@ from dcml.config import PipelineConfig, parse_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """`make test` runs two pytest-xdist workers: every test that uses the session's Ray runs on
-    one of them, in file order (one Ray, each module's fixtures once), and the tests that need
-    no Ray run beside it on the other."""
-    for item in items:
-        if "ray_session" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
