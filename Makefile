@@ -18,7 +18,7 @@ run: setup
 	$(BIN)/dcml run $(CONFIG)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess_bench.py --sizes 500000:8,2000000:16,5000000:32,5000000:64

@@ -20,6 +20,36 @@ from dcml.config import PipelineConfig, parse_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+# `make test` runs two pytest-xdist workers (-n 2), each test module whole on one of them (module
+# fixtures are set up once). One runs most tests on its session's Ray, in file order; beside it, the
+# other runs the multi-node cluster module (its own `ray start` nodes) and the sweeps on a session
+# Ray of its own, then the tests that need no Ray, so that both keep the two cores busy.
+APART = {"tests/test_jobs.py", "tests/test_tune.py"}  # each scheduled whole
+WITHOUT_RAY = {
+    "tests/test_config.py",
+    "tests/test_crashes.py",
+    "tests/test_layout.py",
+    "tests/test_registry.py",
+    "tests/test_report.py",
+    "tests/test_without_ray.py",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's loadgroup cannot group here (pytest 9 node ids ignore the suffix it sets),
+    so the grouping is a scheduler of its own: a test's scope is its file for APART, itself for
+    the tests without Ray, and "ray" for all the others."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneRayWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::")[0]
+            return file if file in APART else nodeid if file in WITHOUT_RAY else "ray"
+
+    return OneRayWorker(config, log)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -71,6 +101,24 @@ def preprocessed(root: Path):
 
     cfg = make_config(root)
     return root, preprocess(cfg, Storage.from_config(cfg), log=lambda _: None)
+
+
+def trained_in_process(cfg: PipelineConfig, dataset, folder: Path) -> str:
+    """The training loop run in this process (`fit_local`, no Ray Train start-up) on a stored
+    dataset version, its checkpoints in `folder`: the last checkpoint's path."""
+    import pyarrow as pa
+
+    from dcml.storage import Storage
+    from dcml.train.ingest import split_tables
+    from dcml.train.loop import fit_local
+
+    storage = Storage.from_config(cfg)
+    splits = {
+        s: pa.concat_tables(split_tables(storage, dataset, s)) for s in ("train", "validation")
+    }
+    m = dataset.manifest
+    fit_local(cfg, splits, str(folder), m["features"], m["task"], m["classes"])
+    return str(sorted(folder.glob("checkpoint_*"))[-1])
 
 
 def start_dcml(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:

@@ -19,12 +19,12 @@ from ray import serve
 
 from dcml import registry
 from dcml.http_app import BATCH_SIZE_HEADER
-from dcml.pipeline import raw_test_rows, stage_register, stage_train
+from dcml.pipeline import raw_test_rows, stage_register
 from dcml.predictor import Predictor
 from dcml.serving import app_builder, deploy, serve_args
 from dcml.storage import Storage
 
-from .conftest import make_config, preprocessed, quiet, register_tiny_model
+from .conftest import make_config, preprocessed, quiet, register_tiny_model, trained_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -34,7 +34,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """bc@1 and bc@2 (the same weights) registered; bc@production -> 1 served by 2 replicas."""
+    """bc@1 and bc@2 (the same weights) registered; bc@production -> 1 served by 2 replicas. The
+    model is trained by the training loop in this process: these tests are about serving."""
     root, dv = preprocessed(tmp_path_factory.mktemp("serve") / "store")
     cfg = make_config(
         root,
@@ -48,9 +49,9 @@ def served(tmp_path_factory):
             "max_request_bytes": 50_000,
         },
     )
-    _, trained = stage_train(cfg, dv.ref, run_id="serve", log=quiet)
-    v1 = stage_register(cfg, dv, trained.checkpoint_path, {}, ["production"], quiet)
-    v2 = stage_register(cfg, dv, trained.checkpoint_path, {}, [], quiet)
+    checkpoint = trained_in_process(cfg, dv, root / "runs" / "serve")
+    v1 = stage_register(cfg, dv, checkpoint, {}, ["production"], quiet)
+    v2 = stage_register(cfg, dv, checkpoint, {}, [], quiet)
     url = deploy(cfg, "bc@production")
     storage = Storage.from_config(cfg)
     rows = [
@@ -250,7 +251,7 @@ def test_property_based_requests_from_the_openapi_schema_find_no_5xx(served, tmp
             "--request-timeout",
             "30",
             "--max-time",
-            "20",
+            "10",
         ],
         capture_output=True,
         text=True,
@@ -419,4 +420,4 @@ def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served
         serve.run(switched, name="fromfile", route_prefix="/fromfile")
         assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == "bc@2"
     finally:
-        serve.delete("fromfile")
+        serve.delete("fromfile", _blocking=False)

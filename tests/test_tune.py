@@ -164,7 +164,7 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
     """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while its second trial
     runs; `--resume` keeps the finished trial and finishes the rest."""
     write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
-    epochs = 8
+    epochs = 6
     raw = {
         "storage": {"root": str(tmp_path / "store")},
         "data": {"name": "sweep", "source": str(tmp_path / "raw")},

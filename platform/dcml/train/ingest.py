@@ -27,14 +27,26 @@ def collate_fn(features: list[str], task: str):
 
 
 def cache_shard(
-    shard, collate, device: torch.device, where: str, name: str = "train"
+    shard,
+    collate,
+    device: torch.device,
+    where: str,
+    name: str = "train",
+    part: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a worker's whole shard once through `iter_torch_batches` and keep it: on `device`
-    (where="device"; on a GPU only if it fits in half its free memory) or in host memory."""
+    (where="device"; on a GPU only if it fits in half its free memory) or in host memory.
+    `part=(rank, world)`: `shard` is the whole split, of which this worker keeps the rank-th of
+    `world` contiguous, near-equal slices."""
     parts = list(shard.iter_torch_batches(batch_size=8192, collate_fn=collate, device="cpu"))
-    if not parts:
+    x = torch.cat([p[0] for p in parts]) if parts else torch.empty(0)
+    y = torch.cat([p[1] for p in parts]) if parts else torch.empty(0)
+    if part is not None:
+        rank, world = part
+        lo, hi = (len(x) * rank) // world, (len(x) * (rank + 1)) // world
+        x, y = x[lo:hi], y[lo:hi]
+    if not len(x):
         raise RuntimeError(f"a worker's {name} shard is empty: use fewer train.workers")
-    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if device.type == "cpu":
         return x, y
     if where == "device":
@@ -59,6 +71,10 @@ def split_tables(storage: Storage, dataset: DatasetVersion, split: str) -> list:
     return [pq.read_table(f, filesystem=storage.fs) for f in dataset.shard_paths(split)]
 
 
+def is_small(dataset: DatasetVersion, split: str) -> bool:
+    return sum(s["bytes"] for s in dataset.shards(split)) <= SMALL_SPLIT_BYTES
+
+
 def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
     """A stored split as a materialised Ray Dataset, its blocks in file order (so that the same
     seed and worker count give every rank the same rows).
@@ -69,7 +85,7 @@ def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):
     """
     import ray.data
 
-    if sum(s["bytes"] for s in dataset.shards(split)) <= SMALL_SPLIT_BYTES:
+    if is_small(dataset, split):
         return ray.data.from_arrow(split_tables(storage, dataset, split))
     ds = ray.data.read_parquet(dataset.shard_paths(split), filesystem=storage.arrow_fs())
     ds.context.execution_options.preserve_order = True

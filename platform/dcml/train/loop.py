@@ -67,7 +67,9 @@ def train_func(config: dict[str, Any], session=None) -> None:
     train_shard = session.shard("train")
     x = y = None
     if tc.cache != "none":  # read once; every epoch then draws batches from the cache
-        x, y = cache_shard(train_shard, collate, device, tc.cache)
+        # a small split comes whole to every worker, which keeps its slice (no split coordinator)
+        part = (rank, world) if config.get("slice_train_split") else None
+        x, y = cache_shard(train_shard, collate, device, tc.cache, part=part)
     vx, vy = cache_shard(session.shard("validation"), collate, device, "device", "validation")
     vx, vy = vx.to(device), vy.cpu().numpy()
     weights = None

@@ -21,7 +21,7 @@ from dcml.direction import best_by
 from dcml.layout import META, TEST_METRICS, read_weights, run_folder
 from dcml.storage import Storage
 from dcml.train.checkpoint import freeze, load_matching
-from dcml.train.ingest import split_dataset
+from dcml.train.ingest import is_small, split_dataset
 from dcml.train.loop import train_func
 from dcml.train.model import build_model, model_spec, n_outputs
 from dcml.train.outputs import evaluate_checkpoint, publish_history, write_plots
@@ -149,9 +149,13 @@ def build_trainer(
     datasets = {split: split_dataset(storage, dataset, split) for split in ("train", "validation")}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
+    # A small cached training split goes whole to every worker, which keeps its own slice: Ray
+    # Data's streaming split starts a coordinator actor per run (~4 s on 2 cores, for any size).
+    sliced = cfg.train.cache != "none" and is_small(dataset, "train")
+    config = {**loop_config(cfg, storage, dataset, progress), "slice_train_split": sliced}
     return TorchTrainer(
         train_func,
-        train_loop_config=loop_config(cfg, storage, dataset, progress),
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.train.use_gpu,
@@ -159,7 +163,9 @@ def build_trainer(
         ),
         datasets=datasets,
         # every worker evaluates on the whole validation split, so metrics agree across ranks
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        dataset_config=DataConfig(
+            datasets_to_split=[] if sliced else ["train"], execution_options=ingest
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path or run_folder(storage),
