@@ -220,7 +220,7 @@ def main() -> None:
     for i, part in enumerate(np.array_split(np.arange(args.rows), 8)):
         pq.write_table(big.take(part), tmp / "raw" / f"part-{i}.parquet")
     t0 = time.perf_counter()
-    n = predict_batch(cfg, "bc@production", str(tmp / "raw"), str(tmp / "out"))
+    n = predict_batch(cfg, "bc@production", str(tmp / "raw"), str(tmp / "out"))["rows"]
     ours = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     predictor = Predictor.from_dir(mv.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -20,14 +21,14 @@ from dcml.config import PipelineConfig, parse_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-# `make test` runs two pytest-xdist workers (-n 2), each test module whole on one of them (module
-# fixtures are set up once). One runs most tests on its session's Ray, in file order; beside it, the
-# other runs the multi-node cluster module (its own `ray start` nodes) and the sweeps on a session
-# Ray of its own, then the tests that need no Ray, so that both keep the two cores busy.
-APART = {"tests/test_jobs.py", "tests/test_tune.py"}  # each scheduled whole
+# `make test` runs two pytest-xdist workers (-n 2). One runs the tests on its session's Ray, in file
+# order (one Ray, module fixtures set up once); beside it, the other usually runs the multi-node
+# cluster module (its own `ray start` nodes), the sweeps (on a session Ray of its own) and the tests
+# that need no Ray, so that both keep the two cores busy. A worker takes the next module when it
+# has two tests left, so where the last ones run varies.
+APART = {"tests/test_jobs.py", "tests/test_tune.py", "tests/test_crashes.py"}  # each kept whole
 WITHOUT_RAY = {
     "tests/test_config.py",
-    "tests/test_crashes.py",
     "tests/test_layout.py",
     "tests/test_registry.py",
     "tests/test_report.py",
@@ -40,6 +41,8 @@ def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's loadgroup cannot group here (pytest 9 node ids ignore the suffix it sets),
     so the grouping is a scheduler of its own: a test's scope is its file for APART, itself for
     the tests without Ray, and "ray" for all the others."""
+    if config.getvalue("dist") != "load":  # the user asked for another distribution
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class OneRayWorker(LoadScopeScheduling):
@@ -58,8 +61,24 @@ def ray_session():
     from dcml.config_sections import ClusterConfig
 
     prepare_env(ClusterConfig())
-    # address="local": never attach to another Ray cluster running on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
+    # Two xdist workers may each run a session Ray: each its own dashboard port, and Ray's state
+    # API in its processes (Ray Train's placement-group cleaner asks it whether the controller
+    # lives) pointed at it rather than guessing among the Rays on this machine.
+    # Set for the processes Ray starts (they inherit it) and unset here again: in this process it
+    # would take precedence over every address given to a job client (test_jobs' cluster).
+    dashboard = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    try:
+        # address="local": never attach to another Ray cluster running on this machine.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_port=dashboard,
+            log_to_driver=True,
+        )
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
     yield
     try:
         from ray import serve
@@ -107,6 +126,7 @@ def trained_in_process(cfg: PipelineConfig, dataset, folder: Path) -> str:
     """The training loop run in this process (`fit_local`, no Ray Train start-up) on a stored
     dataset version, its checkpoints in `folder`: the last checkpoint's path."""
     import pyarrow as pa
+    import torch
 
     from dcml.storage import Storage
     from dcml.train.ingest import split_tables
@@ -117,7 +137,11 @@ def trained_in_process(cfg: PipelineConfig, dataset, folder: Path) -> str:
         s: pa.concat_tables(split_tables(storage, dataset, s)) for s in ("train", "validation")
     }
     m = dataset.manifest
-    fit_local(cfg, splits, str(folder), m["features"], m["task"], m["classes"])
+    threads = torch.get_num_threads()  # the loop sets its own, as a worker would
+    try:
+        fit_local(cfg, splits, str(folder), m["features"], m["task"], m["classes"])
+    finally:
+        torch.set_num_threads(threads)
     return str(sorted(folder.glob("checkpoint_*"))[-1])
 
 
@@ -185,12 +209,13 @@ def moto_s3(bucket: str):
         proc.wait(timeout=10)
 
 
-def register_tiny_model(storage, folder: Path) -> str:
+def register_tiny_model(storage, folder: Path, **preprocessor) -> str:
     """`tiny_categorical_model`, saved in `folder` and copied to `storage` as a checkpoint,
-    registered as cat@1 there: its reference."""
+    registered as cat@N there (`preprocessor`: fields of its state to replace): its reference."""
     from dcml import registry
 
     meta = tiny_categorical_model(folder)
+    meta["preprocessor"].update(preprocessor)
     checkpoint = storage.path("checkpoints", "tiny")
     storage.fs.makedirs(checkpoint, exist_ok=True)
     for f in folder.iterdir():

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dcml import registry
-from dcml.batch import _PredictBatch
+from dcml.batch import _PredictBatch, commit_predictions
 from dcml.config import PipelineConfig, parse_config
 from dcml.data.catalog import dataset_folder
 from dcml.data.clean import ReadAndClean, keep_rows
@@ -150,11 +150,9 @@ def write_predictions(
     commit = Commit(out, out.root)
     try:
         actor = _PredictBatch(storage, model_path, "id", out, commit.base)
-        entries = [json.loads(actor(b)["entry"][0]) for b in batches]
-        rows = sum(e.pop("rows") for e in entries)
-        commit.add(entries)
-        meta = {"kind": "predictions", "model": model_ref, "input": "crash-test", "rows": rows}
-        return commit.commit(meta)
+        entries = [e for b in batches for e in actor(b)["entry"]]
+        meta = {"kind": "predictions", "model": model_ref, "input": "crash-test"}
+        return commit_predictions(commit, entries, meta)
     except FileExistsError as e:
         commit.abort()
         raise FileExistsError(f"output {out.uri()} exists") from e

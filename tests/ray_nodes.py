@@ -27,6 +27,10 @@ BIN = Path(sys.executable).parent
 ENV = {
     **os.environ,
     "RAY_AUTH_MODE": "disabled",
+    # the test S3 server's credentials, in the nodes' environment as a cluster's would be: a job's
+    # command line (shown in the dashboard) carries none
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
 }
 

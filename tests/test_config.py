@@ -93,3 +93,55 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     err = capsys.readouterr().err
     assert "data.sorce: unknown field" in err and "did you mean 'source'" in err
     assert "Traceback" not in err
+
+
+def test_metric_and_precision_are_checked_when_the_config_loads():
+    """A mistyped train.metric failed as a KeyError in a worker after the first epoch (and was
+    retried); fp16 on a CPU run failed the same way. Both now stop at load, naming the field and
+    what it can be."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.metric=val_auc"])
+    assert "train.metric: 'val_auc' is not a validation metric of a binary model" in str(e.value)
+    assert "val_roc_auc" in str(e.value) and "val_f1" in str(e.value)
+    with pytest.raises(ConfigError, match="val_rmse"):
+        load_config(None, ["data.task=regression", "train.metric=val_accuracy"])
+    assert load_config(None, ["train.metric=val_loss"]).train.mode == "min"
+    with pytest.raises(ConfigError, match="train: precision: fp16 needs a GPU"):
+        load_config(None, ["train.precision=fp16"])
+    assert load_config(None, ["train.precision=fp16", "train.use_gpu=true"]).train.use_gpu
+
+
+def test_every_task_metric_can_be_selected():
+    import numpy as np
+
+    from dcml.config_sections import TASK_METRICS
+    from dcml.train.metrics import task_metrics
+
+    y = np.array([0, 1, 1, 0])
+    outputs = {
+        "binary": np.array([0.2, 0.7, 0.6, 0.4]),
+        "multiclass": np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]),
+        "regression": np.array([0.1, 0.9, 1.2, -0.1]),
+    }
+    for task, out in outputs.items():
+        assert set(TASK_METRICS[task]) == {"loss", *task_metrics(task, y, out)}, task
+
+
+def test_dcml_submit_refuses_credentials_on_the_job_command_line(capsys):
+    """A job's entrypoint is shown in the dashboard and `ray job list`: credentials given with
+    --set are refused before anything is submitted (the address answers nothing)."""
+    base = ["submit", "configs/breast_cancer.yaml", "--address", "http://127.0.0.1:9"]
+    for secret, named in [
+        ("storage.storage_options={key: AKIAEXAMPLE, endpoint_url: 'http://s3'}", "key"),
+        ("data.storage_options={token: hunter2}", "token"),
+        ("serve.auth_token=hunter2", "serve.auth_token_env or serve.auth_token_file"),
+    ]:
+        assert main([*base, "--set", secret]) == 1
+        err = capsys.readouterr().err
+        assert named in err and "ray job list" in err
+        assert "AKIAEXAMPLE" not in err and "hunter2" not in err
+
+
+def test_an_empty_token_is_refused():
+    with pytest.raises(ConfigError, match="serve.auth_token"):
+        load_config(None, ["serve.auth_token=''"])  # would accept a header with no token

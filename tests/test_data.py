@@ -257,8 +257,27 @@ def test_truncated_and_unreadable_shards(tmp_path):
 def test_missing_column_in_one_shard(tmp_path):
     paths = write_shards(tmp_path / "raw", small(300), 3)
     pq.write_table(pq.read_table(paths[2]).drop_columns(["f2"]), paths[2])
-    bad_input(tmp_path, r"part-2\.parquet: column\(s\) \['f2'\] missing")
+    bad_input(tmp_path, r"part-2\.parquet: column\(s\) \['f2'\] missing \(they are in .*part-0")
     bad_input(tmp_path, r"data.numeric: column\(s\) \['nope'\] not in the data", numeric=["nope"])
+    # the features are inferred from the first file: a column only later files have would be
+    # silently left out of the model; it is an error naming both files
+    paths = write_shards(tmp_path / "extra", small(300), 3)
+    pq.write_table(pq.read_table(paths[0]).drop_columns(["f2"]), paths[0])
+    bad_input(
+        tmp_path,
+        r"part-1\.parquet: column\(s\) \['f2'\] are not in .*extra/part-0\.parquet, the first file",
+        source=tmp_path / "extra",
+    )
+    # with every feature declared, the other columns are ignored, in any file
+    dv, _ = run(tmp_path, source=tmp_path / "extra", numeric=["f1"], categorical=[])
+    assert dv.manifest["features"] == ["f1"]
+
+
+def test_files_with_no_rows_are_named(tmp_path):
+    (tmp_path / "raw").mkdir()
+    for i in range(2):
+        (tmp_path / "raw" / f"part-{i}.csv").write_text("id,f1,f2,label\n")  # a header alone
+    bad_input(tmp_path, r"no rows to read \(.*part-0\.csv, .*part-1\.csv hold a header or nothing")
 
 
 def test_column_type_changed_between_shards(tmp_path):

@@ -78,7 +78,8 @@ def ray_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def s3_store():
     """Storage on an S3 API server (moto), so no node relies on another's disk: `--set` flags."""
     with moto_s3("dcml-cluster") as options:
-        flow = "{" + ", ".join(f"{k}: '{v}'" for k, v in options.items()) + "}"
+        # the jobs' credentials come from the nodes' environment (ray_nodes.ENV), not --set
+        flow = "{endpoint_url: '" + options["endpoint_url"] + "'}"
         root = "s3://dcml-cluster/store"
         overrides = [f"storage.root={root}", f"storage.storage_options={flow}"]
         yield SimpleNamespace(storage=Storage(root, options), overrides=overrides)

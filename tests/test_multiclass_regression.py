@@ -70,6 +70,7 @@ def test_regression_trains_and_predicts_values(tmp_path):
         "regression",
         "target",
         workers=1,
+        cache="none",  # streamed from Ray Data every epoch, learning from scratch
         epochs=40,
         target=0.3,
         schedule="cosine",

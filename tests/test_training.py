@@ -36,8 +36,8 @@ def history(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_runs(bc):
-    """Two runs of one config with the same seed and workers (DDP): their outcomes. The first is
-    the fine-tuning test's base model."""
+    """Two runs of one config with the same seed and workers (DDP, each worker caching its slice
+    of the split: the default): their outcomes. The first is the fine-tuning test's base model."""
     root, dv = bc
     cfg = make_config(root, name="bcft", train={"epochs": 3})
     _, first = stage_train(cfg, dv.ref, run_id="same-a", log=quiet)
@@ -149,8 +149,7 @@ def test_fine_tuning_loads_a_registered_model_and_freezes_its_first_layers(bc, t
     base, trained, _ = two_runs
     source = stage_register(base, dv, trained.checkpoint_path, {}, ["production"], log=quiet)
 
-    # the fine-tuned run streams its shard from Ray Data every epoch (no cache) through the local
-    # shuffle buffer, under DDP, with another seed
+    # the fine-tuned run, with another seed
     tuned_cfg = make_config(
         root,
         name="bcft",
@@ -159,14 +158,12 @@ def test_fine_tuning_loads_a_registered_model_and_freezes_its_first_layers(bc, t
             "workers": 2,
             "epochs": 2,
             "lr": 0.01,
-            "cache": "none",
-            "batch_size": 32,
             "init_from": "bcft@production",
             "freeze_layers": 1,
         },
     )
-    _, tuned = stage_train(tuned_cfg, dv.ref, run_id="streamed", log=quiet)
-    assert [int(h["epoch"]) for h in history(root / "runs" / "streamed")] == [0, 1]
+    _, tuned = stage_train(tuned_cfg, dv.ref, run_id="tuned", log=quiet)
+    assert [int(h["epoch"]) for h in history(root / "runs" / "tuned")] == [0, 1]
     before = load_file(str(Path(source.path) / WEIGHTS))
     after = load_file(str(Path(tuned.checkpoint_path) / WEIGHTS))
     assert (after["0.layers.0.weight"] == before["0.layers.0.weight"]).all()  # frozen

@@ -289,6 +289,126 @@ def test_http_app_takes_categories_as_text(tmp_path):
     assert "'blue' or 'red'" in r.json()["detail"][0]["msg"]
 
 
+def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_path):
+    """1e39 passes as a number but is beyond float32 once scaled (no clipping); a missing value
+    in a column whose missing rows training dropped has no fill. Serve answers 422 naming the
+    field, batch inference writes the row to its rejects with the reason, and no answer holds a
+    NaN or a label made up from one."""
+    from dcml import registry
+    from dcml.batch import _PredictBatch
+    from dcml.storage import Storage
+
+    from .conftest import register_tiny_model
+
+    meta = {"name": "c", "version": 1, **tiny_categorical_model(tmp_path)}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    client = TestClient(build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, None))
+    ok = {"x": 1.0, "color": "red"}
+    r = client.post("/predict", json=[ok, {"x": 1e39, "color": "red"}])
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["field"] == "1.x" and error["loc"] == ["list[Record]", 1, "x"]
+    assert "float32" in error["msg"]
+    assert client.post("/predict", json=ok).status_code == 200  # and the server still answers
+
+    # batch inference, with the model's x dropped (not imputed) where missing in training
+    storage = Storage(str(tmp_path / "store"))
+    ref = register_tiny_model(storage, tmp_path / "tiny", fill={"x": None})
+    mv = registry.resolve_model(storage, ref)
+    out = Storage(str(tmp_path / "out"))
+    actor = _PredictBatch(storage, mv.path, "id", out, "tx")
+    batch = pa.table({"id": [1, 2, 3, 4], "x": [1.0, 1e39, None, -np.inf], "color": ["red"] * 4})
+    scored, rejected = actor.predict(batch)
+    assert scored.column("id").to_pylist() == [1]
+    assert np.isfinite(scored.column("probability").to_numpy()).all()
+    assert rejected.to_pylist() == [
+        {"id": 2, "field": "x", "reason": "too large in magnitude: beyond float32 once scaled"},
+        {
+            "id": 3,
+            "field": "x",
+            "reason": "missing, and rows missing it were dropped in training: send a number",
+        },
+        {"id": 4, "field": "x", "reason": "not a finite number"},
+    ]
+    assert actor.predict(batch.slice(1, 1))[0].num_rows == 0  # all rejected: nothing scored
+    assert actor.predict(batch.slice(0, 0))[0].num_rows == 0  # no rows at all
+
+
+def test_a_near_constant_column_is_not_scaled_by_its_float_noise():
+    from dcml.data.transforms import _scale
+
+    noise = float(np.std(np.full(1000, 0.1) + np.random.default_rng(0).normal(0, 1e-17, 1000)))
+    assert 0 < noise < 1e-15 and _scale(noise, 0.1) == 1.0  # constant: unscaled
+    assert _scale(0.0, 0.0) == 1.0 and _scale(None, 1.0) == 1.0
+    assert _scale(100.0, 1.7e9) == 100.0  # timestamps a few minutes apart: a real spread
+    assert _scale(1e-20, 1e-19) == 1e-20  # tiny values, tiny spread: real too
+
+
+def test_every_rank_keeps_its_own_slice_of_a_whole_split():
+    """A small cached split comes whole to every DDP worker, which keeps its slice: for any
+    world size the slices are disjoint, near-equal, in order, and together the split (read in
+    batches of 8192, so slices cross batch boundaries)."""
+    from dcml.train.ingest import cache_shard, collate_fn, slice_bounds
+    from dcml.train.session import LocalSplit
+
+    collate = collate_fn(["f"], "regression")
+    for n in (3, 20_000):
+        split = LocalSplit(pa.table({"f": np.arange(n, dtype=np.float64), "label": np.zeros(n)}))
+        for world in range(1, 6):
+            if n < world:
+                continue
+            kept = []
+            for rank in range(world):
+                bounds = slice_bounds(n, rank, world)
+                x, _ = cache_shard(split, collate, torch.device("cpu"), "memory", rows=bounds)
+                kept.append(x[:, 0].numpy().astype(np.int64))
+            assert max(map(len, kept)) - min(map(len, kept)) <= 1, (n, world)
+            assert (np.concatenate(kept) == np.arange(n)).all(), (n, world)
+    with pytest.raises(RuntimeError, match="shard is empty"):
+        cache_shard(split, collate, torch.device("cpu"), "memory", rows=(5, 5))
+
+
+def test_the_token_comes_from_the_environment_or_a_file_that_can_rotate(tmp_path, monkeypatch):
+    from dcml.config import ConfigError, load_config
+    from dcml.http_app import BearerToken, bearer_token
+
+    meta = {"name": "c", "version": 1, **tiny_categorical_model(tmp_path)}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    record = {"x": 1.0, "color": "red"}
+
+    def status(token: BearerToken, sent: str | None) -> int:
+        app = build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, token)
+        headers = {"Authorization": f"Bearer {sent}"} if sent else {}
+        return TestClient(app).post("/predict", json=record, headers=headers).status_code
+
+    monkeypatch.setenv("DCML_TEST_TOKEN", "from-env")
+    cfg = load_config(None, ["serve.auth_token_env=DCML_TEST_TOKEN"])
+    from_env = bearer_token(cfg.serve)
+    assert status(from_env, None) == 401 and status(from_env, "from-env") == 200
+    monkeypatch.delenv("DCML_TEST_TOKEN")
+    with pytest.raises(ValueError, match=r"serve.auth_token_env: \$DCML_TEST_TOKEN is not set"):
+        bearer_token(cfg.serve)
+
+    secret = tmp_path / "token"
+    secret.write_text("first\n")
+    token = BearerToken(file=str(secret), recheck_s=0)
+    app = build_http_app(Predictor.from_dir(str(tmp_path)), 20_000, token)
+    client = TestClient(app)
+    ask = lambda t: client.post("/predict", json=record, headers={"Authorization": f"Bearer {t}"})  # noqa: E731
+    assert ask("first").status_code == 200 and ask("second").status_code == 401
+    secret.write_text("second")  # rotated: the running app takes the new one, not the old
+    assert ask("second").status_code == 200 and ask("first").status_code == 401
+    secret.unlink()  # gone mid-rotation: the last token stands
+    assert ask("second").status_code == 200
+    with pytest.raises(ConfigError, match="serve: give one of auth_token, auth_token_file"):
+        load_config(None, ["serve.auth_token=x", "serve.auth_token_file=/etc/t"])
+    # the token's value is never stored with a run or a model
+    from dcml.config import public_dump
+
+    dumped = json.dumps(public_dump(load_config(None, ["serve.auth_token=s3cret-value"])))
+    assert "s3cret-value" not in dumped
+
+
 def test_model_options_width_list_norm_residual():
     from dcml.config_sections import ModelConfig
     from dcml.train.model import model_spec

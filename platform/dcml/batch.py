@@ -11,8 +11,13 @@ from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig
 from dcml.data.sources import read_dataset, resolve_files
+from dcml.data.transforms import numeric_matrix
 from dcml.predictor import Predictor
 from dcml.storage import Commit, Storage, file_entry, require_new_output
+
+# Rows that cannot be scored, with the reason, beside the predictions. pyarrow and most readers
+# skip names starting with "_", so reading the output folder reads the predictions alone.
+REJECTS = "_rejects"
 
 
 class _PredictBatch:
@@ -24,24 +29,44 @@ class _PredictBatch:
         self.id_col, self.out, self.base = id_col, out, base
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        import io
-        import json
         import uuid
+
+        scored, rejected = self.predict(batch)
+        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+        entries = [self._write(name, scored, "rows")] if scored.num_rows else []
+        if rejected.num_rows:
+            entries.append(self._write(f"{REJECTS}/{name}", rejected, "rejected"))
+        return {"entry": np.array([json.dumps(e) for e in entries])}
+
+    def _write(self, name: str, table: pa.Table, count: str) -> dict:
+        import io
 
         import pyarrow.parquet as pq
 
-        table = self.predict(batch)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
         self.out.write_bytes(f"{self.base}/{name}", buf.getvalue())
-        entry = {**file_entry(name, buf.getvalue()), "rows": table.num_rows}
-        return {"entry": np.array([json.dumps(entry)])}
+        return {**file_entry(name, buf.getvalue()), count: table.num_rows}
 
-    def predict(self, batch: pa.Table) -> pa.Table:
+    def predict(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """(the scored rows' predictions, the rows that cannot be scored: id, field, reason)."""
         p = self.predictor
-        out = p.predict_columns({c: batch.column(c) for c in p.inputs})
-        columns = {"id": batch.column(self.id_col)}
+        columns = {c: batch.column(c) for c in p.inputs}
+        raw = numeric_matrix(columns, p.preprocessor.numeric) if p.preprocessor.numeric else None
+        out, problems = p.score(p.preprocessor.transform(columns, numeric=raw), raw)
+        ids = batch.column(self.id_col)
+        bad = np.zeros(len(out), dtype=bool)
+        bad[list(problems)] = True
+        rejected = pa.table(
+            {
+                "id": ids.filter(pa.array(bad)),
+                "field": pa.array([problems[i]["field"] for i in sorted(problems)], pa.string()),
+                "reason": pa.array([problems[i]["msg"] for i in sorted(problems)], pa.string()),
+            }
+        )
+        if bad.any():
+            out, ids = out[~bad], ids.filter(pa.array(~bad))
+        columns = {"id": ids}
         if p.task == "regression":
             columns["value"] = pa.array(out.astype(np.float64))
         else:
@@ -49,10 +74,12 @@ class _PredictBatch:
             best = out if p.task == "binary" else out.max(axis=1)
             columns["probability"] = pa.array(best.astype(np.float64))
         columns["model_version"] = pa.array([p.version] * len(out))
-        return pa.table(columns)
+        return pa.table(columns), rejected
 
 
-def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_uri: str) -> int:
+def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_uri: str) -> dict:
+    """Score the raw shards at `input_uri` with a registered version into a new output folder:
+    its manifest (`rows` scored, `rows_rejected` into `<prefix>/_rejects/`)."""
     connect(cfg.cluster)
     storage = Storage.from_config(cfg)
     mv = registry.resolve_model(storage, model_ref)
@@ -79,10 +106,8 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
             num_cpus=0.5,
             num_gpus=1 if cfg.train.use_gpu else 0,
         ).take_all()
-        entries = [json.loads(w["entry"]) for w in written]
-        rows = sum(e.pop("rows") for e in entries)
-        commit.add(entries)
-        commit.commit({"kind": "predictions", "model": mv.ref, "input": input_uri, "rows": rows})
+        meta = {"kind": "predictions", "model": mv.ref, "input": input_uri}
+        summary = commit_predictions(commit, [w["entry"] for w in written], meta)
     except FileExistsError as e:  # another run wrote this output first
         commit.abort()
         raise FileExistsError(
@@ -91,4 +116,14 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     except BaseException:
         commit.abort()
         raise
-    return rows
+    return summary
+
+
+def commit_predictions(commit: Commit, entries: list[str], meta: dict) -> dict:
+    """Commit the files `_PredictBatch` calls wrote (their JSON entries), with `meta` and the
+    counts of rows scored and rejected: the manifest."""
+    files = [json.loads(e) for e in entries]
+    rows = sum(f.pop("rows", 0) for f in files)
+    rejected = sum(f.pop("rejected", 0) for f in files)
+    commit.add(files)
+    return commit.commit({**meta, "rows": rows, "rows_rejected": rejected})

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from dcml.config_sections import (
     AUTO_METRIC,
+    TASK_METRICS,
     ClusterConfig,
     ConfigError,
     DataConfig,
@@ -47,6 +48,12 @@ class PipelineConfig(_Section):
         """Fill the fields whose default depends on the task."""
         if self.train.metric == "auto":
             self.train.metric = AUTO_METRIC[self.data.task]
+        allowed = [f"val_{m}" for m in TASK_METRICS[self.data.task]]
+        if self.train.metric not in allowed:
+            raise ValueError(
+                f"train.metric: {self.train.metric!r} is not a validation metric of a "
+                f"{self.data.task} model; one of {', '.join(allowed)}"
+            )
         if self.train.mode == "auto":
             self.train.mode = mode_of(self.train.metric)
         for path in self.tune.space:

@@ -10,6 +10,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AUTO_METRIC = {"binary": "val_roc_auc", "multiclass": "val_macro_f1", "regression": "val_rmse"}
+# The metrics each task's evaluation computes (dcml.train.metrics, and the loss): train.metric
+# names the validation one of them (val_*).
+TASK_METRICS = {
+    "binary": ("loss", "accuracy", "roc_auc", "log_loss", "precision", "recall", "f1"),
+    "multiclass": ("loss", "accuracy", "macro_f1", "log_loss"),
+    "regression": ("loss", "rmse", "mae", "r2"),
+}
 
 
 class ConfigError(ValueError):
@@ -60,7 +67,11 @@ Impute = Literal["mean", "median", "unknown", "drop"]
 
 class GateConfig(_Section):
     rounds: int = Field(
-        2, ge=0, description="Rounds of repair before the gate gives up and stops the stage."
+        2,
+        ge=0,
+        description="0: check only (a failed check stops the stage); 1 or more: repair what failed "
+        "(data.gate.repair) once and check again (a second repair of the same rows would change "
+        "nothing, so values above 1 act as 1).",
     )
     repair: Literal["drop", "impute", "none"] = Field(
         "drop",
@@ -282,6 +293,8 @@ class TrainConfig(_Section):
     def _check_fine_tune(self) -> TrainConfig:
         if self.freeze_layers and not self.init_from:
             raise ValueError("freeze_layers needs init_from (a registered model to start from)")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 needs a GPU (use_gpu: true); on CPU use bf16 or fp32")
         return self
 
 
@@ -426,5 +439,25 @@ class ServeConfig(_Section):
         description="A category not seen in training: the unknown bucket (as in training), or 422.",
     )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
-    auth_token: str | None = Field(None, description="If set, requests need this bearer token.")
+    auth_token: str | None = Field(
+        None,
+        min_length=1,
+        description="If set, requests need this bearer token (never stored; prefer "
+        "auth_token_env or auth_token_file outside a laptop).",
+    )
+    auth_token_env: str | None = Field(
+        None, description="The bearer token from this environment variable of the replicas."
+    )
+    auth_token_file: str | None = Field(
+        None,
+        description="The bearer token from this file on the replicas' machines, re-read when it "
+        "changes (rotate it without a restart).",
+    )
     demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServeConfig:
+        given = [n for n in ("auth_token", "auth_token_env", "auth_token_file") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}, not both")
+        return self

@@ -10,6 +10,8 @@ an `x-dcml-batch-size` header: the records predicted in the call that answered i
 import hmac
 import json
 import logging
+import os
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -55,6 +57,58 @@ def same_schema(a: Preprocessor, b: Preprocessor) -> bool:
     ) and {c: a.fill[c] is None for c in a.numeric} == {c: b.fill[c] is None for c in b.numeric}
 
 
+class BearerToken:
+    """The token requests must carry: fixed, from an environment variable (read once), or from a
+    file, re-read when it changes (checked at most every `recheck_s`), so that a token can be
+    rotated without a restart. Its value is never logged or stored."""
+
+    def __init__(
+        self,
+        value: str | None = None,
+        env: str | None = None,
+        file: str | None = None,
+        recheck_s: float = 1.0,
+    ):
+        if env is not None:
+            value = os.environ.get(env)
+            if not value:
+                raise ValueError(f"serve.auth_token_env: ${env} is not set in this environment")
+        self.file, self.recheck_s = file, recheck_s
+        self.expected = None if value is None else f"Bearer {value}".encode()
+        self._checked, self._warned = 0.0, False
+        if file is not None:
+            self._reload()
+
+    @property
+    def required(self) -> bool:
+        return self.expected is not None
+
+    def current(self) -> bytes | None:
+        """`Bearer TOKEN` as bytes (None: no token required)."""
+        if self.file is not None and time.monotonic() - self._checked >= self.recheck_s:
+            try:
+                self._reload()
+                self._warned = False
+            except (OSError, ValueError) as e:  # mid-rotation or briefly gone: keep the last one
+                if not self._warned:
+                    log.warning("serve.auth_token_file unreadable (%s); keeping the last token", e)
+                self._warned = True
+        return self.expected
+
+    def _reload(self) -> None:
+        self._checked = time.monotonic()
+        with open(self.file) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"serve.auth_token_file: {self.file} is empty")
+        self.expected = f"Bearer {token}".encode()
+
+
+def bearer_token(serve_cfg: Any) -> BearerToken:
+    """The token a `serve` section (or ServeArgs) asks for."""
+    return BearerToken(serve_cfg.auth_token, serve_cfg.auth_token_env, serve_cfg.auth_token_file)
+
+
 class LocalModel:
     """A fixed predictor as a model source (no Ray, no batching)."""
 
@@ -69,9 +123,9 @@ class PredictEndpoint:
     """`POST /predict` as a bare ASGI app: one record or a non-empty list, validated by
     pydantic-core straight from the request's bytes, answered with pre-encoded JSON."""
 
-    def __init__(self, source: Any, body_type: TypeAdapter, limit: int, token: str | None):
+    def __init__(self, source: Any, body_type: TypeAdapter, limit: int, token: BearerToken):
         self.source, self.body_type, self.limit = source, body_type, limit
-        self.expected = None if token is None else f"Bearer {token}".encode()
+        self.token = token
         self.unauthorized = _json(401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
         self.too_large = _json(413, {"detail": f"request body over {limit} bytes"})
 
@@ -93,7 +147,8 @@ class PredictEndpoint:
 
     def authorized(self, authorization: bytes) -> bool:
         """Whether an Authorization header value carries the token (any, when none is set)."""
-        return self.expected is None or hmac.compare_digest(authorization, self.expected)
+        expected = self.token.current()
+        return expected is None or hmac.compare_digest(authorization, expected)
 
     async def answer(self, headers: dict[bytes, bytes], receive) -> tuple[int, bytes, list]:
         if not self.authorized(headers.get(b"authorization", b"")):
@@ -113,6 +168,15 @@ class PredictEndpoint:
             return _json(422, {"detail": _validation_errors(body, exc)})
         rows = parsed if isinstance(parsed, list) else [parsed]
         answers, batch_size = await self.source.predict(rows)
+        if unscorable := [(i, a["error"]) for i, a in enumerate(answers) if "error" in a]:
+            # shaped like the validation errors: ("list[Record]", i, field) or ("Record", field)
+            many = isinstance(parsed, list)
+            detail = []
+            for i, e in unscorable:
+                loc = ("list[Record]", i) if many else ("Record",)
+                loc += (e["field"],) if e["field"] else ()
+                detail.append({"field": _field_name(loc), "loc": list(loc), "msg": e["msg"]})
+            return _json(422, {"detail": detail})
         content = {"predictions": answers, "model_version": answers[0]["model_version"]}
         return _json(200, content, [(BATCH_SIZE_HEADER.encode(), str(batch_size).encode())])
 
@@ -199,7 +263,7 @@ PREDICT_DOC = {
 def build_http_app(
     source: Any,
     max_request_bytes: int,
-    auth_token: str | None,
+    auth_token: str | BearerToken | None,
     model_ref: str = "",
     unknown_categories: str = "bucket",
 ) -> FastAPI:
@@ -217,7 +281,8 @@ def build_http_app(
     body_schema = body_type.json_schema(ref_template="#/components/schemas/{model}")
     schemas = body_schema.pop("$defs")
     request_body = {"required": True, "content": {"application/json": {"schema": body_schema}}}
-    endpoint = PredictEndpoint(source, body_type, max_request_bytes, auth_token)
+    token = auth_token if isinstance(auth_token, BearerToken) else BearerToken(auth_token)
+    endpoint = PredictEndpoint(source, body_type, max_request_bytes, token)
     app = ModelApp(
         endpoint,
         title="dcml model server",
@@ -269,7 +334,7 @@ def build_http_app(
         spec = openapi()
         spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
         operation = PREDICT_DOC | {"requestBody": request_body}
-        if auth_token is not None:
+        if token.required:
             spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             operation["security"] = [{"bearer": []}]
         spec["paths"]["/predict"] = {"post": operation}

@@ -249,6 +249,14 @@ class PipelineResult:
     report: str = ""  # URI of runs/<run_id>/report.html
 
 
+def served_token(cfg: PipelineConfig) -> str | None:
+    """The bearer token the deployed app requires, as this process can read it (None: none)."""
+    from dcml.http_app import bearer_token
+
+    expected = bearer_token(cfg.serve).current()
+    return None if expected is None else expected.decode().removeprefix("Bearer ")
+
+
 def query_served_model(
     url: str,
     table: pa.Table,
@@ -313,13 +321,14 @@ def run_pipeline(
     log(f"best validation {cfg.train.metric}={value:.4f} from {lineage}")
     model = stage_register(cfg, dataset, checkpoint, lineage, ["production"], log)
 
+    token = served_token(cfg)  # before deploying: an unset variable or missing file stops here
     url = deploy(cfg, f"{cfg.name}@production")
     served = registry.resolve_model(storage, f"{cfg.name}@production")
     log(f"serving {served.ref} (alias production) at {url}/predict")
     table = raw_test_rows(cfg, dataset)
     m = dataset.manifest
     metrics, answered = query_served_model(
-        url, table, dataset.preprocessor.inputs, cfg.serve.auth_token, 64, m["task"], m["classes"]
+        url, table, dataset.preprocessor.inputs, token, 64, m["task"], m["classes"]
     )
     shown = answered[: cfg.serve.demo_rows]
     if shown:

@@ -78,6 +78,41 @@ class Predictor:
         """Raw feature columns by name -> model outputs, with the training preprocessor."""
         return self.predict_features(self.preprocessor.transform(columns))
 
+    def score(
+        self, x: np.ndarray, raw: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+        """Transformed features -> (model outputs, the rows that cannot be scored). Such a row
+        is never answered: {row: {"field": input column or None, "msg": why}}. A feature is NaN
+        where a value is missing in a column whose missing rows training dropped (it has no
+        fill), and infinite where a value is beyond float32 once scaled; a finite but extreme
+        input can still drive the model's output to inf or NaN. `raw`: the numeric columns
+        before the preprocessor (which clips an infinite value to its bound): inf there is
+        refused too, as Serve's request validation refuses it."""
+        out = self.predict_features(x)
+        problems: dict[int, dict[str, Any]] = {}
+        numeric = self.preprocessor.numeric  # the first features, in order
+        if raw is not None:
+            for row in np.flatnonzero(np.isinf(raw).any(axis=1)).tolist():
+                j = int(np.argmax(np.isinf(raw[row])))
+                problems[row] = {"field": numeric[j], "msg": "not a finite number"}
+        bad_x = ~np.isfinite(x)
+        if bad_x.any():
+            for row in np.flatnonzero(bad_x.any(axis=1)).tolist():
+                if row in problems:
+                    continue
+                j = int(np.argmax(bad_x[row]))
+                field = numeric[j] if j < len(numeric) else None
+                if np.isnan(x[row, j]):
+                    msg = "missing, and rows missing it were dropped in training: send a number"
+                else:
+                    msg = "too large in magnitude: beyond float32 once scaled"
+                problems[row] = {"field": field, "msg": msg}
+        finite = np.isfinite(out)
+        bad_out = ~(finite if finite.ndim == 1 else finite.all(axis=1))
+        for row in np.flatnonzero(bad_out).tolist():
+            problems.setdefault(row, {"field": None, "msg": "the model's output is not finite"})
+        return out, problems
+
     def labels(self, out: np.ndarray) -> list[Any]:
         """Model outputs -> class labels as the data spelled them (values for regression)."""
         if self.task == "regression":
@@ -86,12 +121,18 @@ class Predictor:
             return [self.classes[int(k)] for k in np.argmax(out, axis=1)]
         return [self.classes[int(p >= self.threshold)] for p in out]
 
-    def answer(self, out: np.ndarray) -> list[dict[str, Any]]:
-        """One response record per row: the label (or value) and its probability."""
+    def answer(
+        self, out: np.ndarray, problems: Mapping[int, dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """One response record per row: the label (or value) and its probability, or for a row
+        in `problems`, its `error` (never a label made up from a NaN)."""
         rows = []
-        for o, label in zip(out, self.labels(out), strict=True):
+        problems = problems or {}
+        for i, (o, label) in enumerate(zip(out, self.labels(out), strict=True)):
             row: dict[str, Any]
-            if self.task == "binary":
+            if i in problems:
+                row = {"error": problems[i]}
+            elif self.task == "binary":
                 row = {"label": label, "probability": float(o)}
             elif self.task == "multiclass":
                 row = {"label": label, "probability": float(np.max(o))}
@@ -107,4 +148,4 @@ class Predictor:
         matrix = np.array([[r[c] for c in pre.numeric] for r in records], dtype=np.float64)
         matrix = matrix.reshape(len(records), len(pre.numeric))
         columns = {c: [r[c] for r in records] for c in pre.categorical}
-        return self.answer(self.predict_features(pre.transform(columns, numeric=matrix)))
+        return self.answer(*self.score(pre.transform(columns, numeric=matrix)))

@@ -19,7 +19,7 @@ from pydantic import Field
 from ray import serve
 
 from dcml.config_sections import ServeConfig
-from dcml.http_app import build_http_app, same_schema
+from dcml.http_app import bearer_token, build_http_app, same_schema
 from dcml.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class ModelServer:
     def __serve_build_asgi_app__(self) -> FastAPI:
         a = self.args
         return build_http_app(
-            self, a.max_request_bytes, a.auth_token, self.ref, a.unknown_categories
+            self, a.max_request_bytes, bearer_token(a), self.ref, a.unknown_categories
         )
 
 

@@ -48,12 +48,51 @@ def submit(
         raise ValueError(f"config {config}: must be inside {REPO}, which the job uploads")
     entry = ["python", f"jobs/{stage}.py", "--config", str(cfg_path.relative_to(REPO))]
     for o in overrides:
+        refuse_secret(o)
         entry += ["--set", o]
     if run_id and stage in ID_FLAGS:
         entry += [ID_FLAGS[stage], run_id]
     return submit_entrypoint(
         JobSubmissionClient(address), shlex.join(entry), runtime_env(env_file or RUNTIME_ENV)
     )
+
+
+# Words in an fsspec storage option's name that mark a credential (s3fs key/secret/token, gcsfs
+# token, adlfs account_key/sas_token/connection_string/client_secret, passwords).
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def refuse_secret(override: str) -> None:
+    """A job's entrypoint is shown to everyone who can see the cluster (the dashboard, `ray job
+    list`, the job's logs): a credential given with `--set` is refused before it goes there."""
+    import yaml
+
+    path, _, value = override.partition("=")
+    path = path.strip()
+    if path == "serve.auth_token":
+        raise ValueError(
+            "--set serve.auth_token: a job's command line is shown in the dashboard and `ray job "
+            "list`; give the replicas the token with serve.auth_token_env or serve.auth_token_file"
+        )
+    section, _, rest = path.partition(".")
+    if section not in ("storage", "data") or not rest.startswith("storage_options"):
+        return
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return  # the job reports the bad value itself
+    names = [rest.removeprefix("storage_options").lstrip(".")]
+    if isinstance(parsed, dict):
+        names = [str(k) for k in parsed]
+    secret = [n for n in names if any(w in n.lower() for w in SECRET_WORDS)]
+    if secret:
+        raise ValueError(
+            f"--set {section}.storage_options: {', '.join(secret)} would be shown in the "
+            "dashboard and `ray job list` with the job's command line; give the cluster's nodes "
+            "their credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance role, "
+            "GOOGLE_APPLICATION_CREDENTIALS) and pass only the other options, such as "
+            "endpoint_url"
+        )
 
 
 def submit_entrypoint(client, entrypoint: str, env: dict[str, Any], wait_s: float = 60) -> str:

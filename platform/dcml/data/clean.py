@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dcml.data.columns import Columns, class_key, is_numeric
+from dcml.data.columns import Columns, class_key, is_categorical, is_numeric
 from dcml.data.errors import DataError
 from dcml.data.sources import read_file
 from dcml.data.split import assign_splits, combine, hash64, hash_text, unit_interval
@@ -95,8 +95,23 @@ class ReadAndClean:
         path, c = self.files[index], self.cols
         missing = [name for name in c.required if name not in table.column_names]
         if missing:
+            where = f" (they are in {c.reference})" if c.reference else ""
             raise DataError(
-                f"{path}: column(s) {missing} missing; the file has {table.column_names}"
+                f"{path}: column(s) {missing} missing{where}; the file has {table.column_names}"
+            )
+        known, schema = c.reference_columns, table.schema
+        extra = [
+            n
+            for n in table.column_names
+            if known is not None
+            and n not in known
+            and (is_numeric(schema.field(n).type) or is_categorical(schema.field(n).type))
+        ]
+        if extra:
+            raise DataError(
+                f"{path}: column(s) {extra} are not in {c.reference}, the first file, whose "
+                "columns the features were inferred from; give every file the same columns, or "
+                "list the features in data.numeric and data.categorical"
             )
         n = table.num_rows
         drop = np.zeros(n, dtype=np.int8)

@@ -24,6 +24,10 @@ class Columns:
     classes: list[Any] | None  # declared classes (JSON values); None: inferred later
     missing: dict[str, str] = field(default_factory=dict)  # feature -> mean|median|unknown|drop
     id_kind: str = "int"  # ids are kept as int64 or as strings, whatever each file holds
+    reference: str = ""  # the first raw file, whose schema the roles were resolved against
+    # its columns, when the features were inferred from them: every other file must have the
+    # same (a column only later files have would silently not be a feature)
+    reference_columns: list[str] | None = None
 
     @property
     def features(self) -> list[str]:
@@ -115,6 +119,8 @@ def infer_columns(d: DataConfig, schema: pa.Schema, reference: str) -> Columns:
         id_kind="int"
         if d.id_column and pa.types.is_integer(schema.field(d.id_column).type)
         else "string",
+        reference=reference,
+        reference_columns=names if d.numeric is None or d.categorical is None else None,
     )
 
 

@@ -1,8 +1,8 @@
 """The validation gate: checks over every shard after preprocessing, bounded repair, a report.
 
 This is the seed's "preprocessing done? if not, preprocess again": failed checks that have a repair
-(drop, or impute, the offending rows) are repaired and everything is checked again, at most
-`rounds` times; otherwise the stage stops with a report naming the check, column, split, file and
+(drop, or impute, the offending rows) are repaired and everything is checked again, once (with
+`rounds` >= 1); otherwise the stage stops with a report naming the check, column, split, file and
 example rows. Nothing is committed unless the gate passes.
 """
 

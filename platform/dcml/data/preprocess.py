@@ -95,6 +95,9 @@ def _build(cfg, storage, fs, files, fmt, cols: Columns, fingerprint, log) -> Dat
     )
     reasons, labels, kept = _tally(cleaned, cols.task)
     n_raw = sum(reasons)
+    if not n_raw:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"{d.source}: no rows to read ({shown} hold a header or nothing)")
     classes = _classes(cols, labels)
     if d.dedupe != "none":
         losers, reasons[DUPLICATE] = _duplicates(cleaned)

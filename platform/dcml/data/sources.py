@@ -150,8 +150,9 @@ def _folder_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[st
         manifest = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
     except FileNotFoundError:
         manifest = None
-    if manifest is not None and lists_files(manifest):
-        return [f"{path}/{e['path']}" for e in manifest["files"]]
+    if manifest is not None and lists_files(manifest):  # not `_` names (a predictions' _rejects/)
+        listed = [f"{path}/{e['path']}" for e in manifest["files"]]
+        return [f for f in listed if _visible(f, path)]
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     if any(n.startswith(TX_PREFIX) for n in names):
         raise DataError(

@@ -92,7 +92,8 @@ class Preprocessor:
             fill, low, high, center, scale = self._numeric_state
             v = numeric
             v = np.clip(np.where(np.isnan(v), fill, v), low, high)
-            out[:, : len(self.numeric)] = (v - center) / scale
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf: the Predictor refuses it
+                out[:, : len(self.numeric)] = (v - center) / scale
         j = len(self.numeric)
         for name in self.categorical:
             cats = self.categories[name]
@@ -196,10 +197,11 @@ def fit_preprocessor(train_ds, n_train: int, cols, d, train_fraction: float) -> 
         low, high = stats[f"min:{c}"], stats[f"max:{c}"]
         policy = cols.missing[c]
         fill[c] = float(mean) if policy == "mean" else median[c] if policy == "median" else None
+        magnitude = max(abs(mean), abs(low), abs(high))
         if d.scaling == "standard":
-            center[c], scale[c] = float(mean), _positive(std)
+            center[c], scale[c] = float(mean), _scale(std, magnitude)
         elif d.scaling == "minmax":
-            center[c], scale[c] = float(low), _positive(high - low)
+            center[c], scale[c] = float(low), _scale(high - low, magnitude)
         else:
             center[c], scale[c] = 0.0, 1.0
 
@@ -250,6 +252,14 @@ def ds_to_tables(ds) -> list[pa.Table]:
     return [t for t in tables if t.num_rows] or tables[:1]
 
 
-def _positive(value: float | None) -> float:
-    """A usable scale: a constant column would divide by zero, so it stays unscaled."""
-    return float(value) if value is not None and np.isfinite(value) and value > 0 else 1.0
+# float64 arithmetic leaves noise ~1e-16 of a value's magnitude: a spread this small next to the
+# column's magnitude is a constant column, whatever its exact std.
+CONSTANT_SPREAD = 1e-12
+
+
+def _scale(spread: float | None, magnitude: float) -> float:
+    """A usable scale: a constant column (spread 0, or float noise: std 1.8e-17 around 0.1)
+    stays unscaled, where dividing by the noise would turn a served 0.2 into 5e15."""
+    if spread is None or not np.isfinite(spread) or spread <= CONSTANT_SPREAD * magnitude:
+        return 1.0
+    return float(spread)

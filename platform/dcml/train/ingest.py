@@ -32,21 +32,27 @@ def cache_shard(
     device: torch.device,
     where: str,
     name: str = "train",
-    part: tuple[int, int] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a worker's whole shard once through `iter_torch_batches` and keep it: on `device`
     (where="device"; on a GPU only if it fits in half its free memory) or in host memory.
-    `part=(rank, world)`: `shard` is the whole split, of which this worker keeps the rank-th of
-    `world` contiguous, near-equal slices."""
-    parts = list(shard.iter_torch_batches(batch_size=8192, collate_fn=collate, device="cpu"))
-    x = torch.cat([p[0] for p in parts]) if parts else torch.empty(0)
-    y = torch.cat([p[1] for p in parts]) if parts else torch.empty(0)
-    if part is not None:
-        rank, world = part
-        lo, hi = (len(x) * rank) // world, (len(x) * (rank + 1)) // world
-        x, y = x[lo:hi], y[lo:hi]
-    if not len(x):
+    `rows=(lo, hi)`: `shard` is the whole split, of which this worker keeps rows lo to hi (its
+    slice; only those are kept while reading)."""
+    parts, seen = [], 0
+    for bx, by in shard.iter_torch_batches(batch_size=8192, collate_fn=collate, device="cpu"):
+        if rows is not None:
+            lo, hi = rows[0] - seen, rows[1] - seen
+            seen += len(bx)
+            if lo >= len(bx):
+                continue
+            bx, by = bx[max(lo, 0) : hi].clone(), by[max(lo, 0) : hi].clone()
+            if seen >= rows[1]:
+                parts.append((bx, by))
+                break
+        parts.append((bx, by))
+    if not parts or not sum(len(p[0]) for p in parts):
         raise RuntimeError(f"a worker's {name} shard is empty: use fewer train.workers")
+    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if device.type == "cpu":
         return x, y
     if where == "device":
@@ -72,7 +78,14 @@ def split_tables(storage: Storage, dataset: DatasetVersion, split: str) -> list:
 
 
 def is_small(dataset: DatasetVersion, split: str) -> bool:
+    """Whether a split's stored Parquet is at most SMALL_SPLIT_BYTES."""
     return sum(s["bytes"] for s in dataset.shards(split)) <= SMALL_SPLIT_BYTES
+
+
+def slice_bounds(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows of a split that rank `rank` of `world` keeps: contiguous, near-equal (sizes
+    differ by at most one), together the whole split."""
+    return rows * rank // world, rows * (rank + 1) // world
 
 
 def split_dataset(storage: Storage, dataset: DatasetVersion, split: str):

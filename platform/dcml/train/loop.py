@@ -26,7 +26,7 @@ from dcml.train.checkpoint import (
     save_checkpoint,
     write_history,
 )
-from dcml.train.ingest import cache_shard, collate_fn
+from dcml.train.ingest import cache_shard, collate_fn, slice_bounds
 from dcml.train.model import build_model, model_spec, n_outputs
 from dcml.train.session import LocalSession, quiet_report_log
 from dcml.train.step import (
@@ -68,8 +68,10 @@ def train_func(config: dict[str, Any], session=None) -> None:
     x = y = None
     if tc.cache != "none":  # read once; every epoch then draws batches from the cache
         # a small split comes whole to every worker, which keeps its slice (no split coordinator)
-        part = (rank, world) if config.get("slice_train_split") else None
-        x, y = cache_shard(train_shard, collate, device, tc.cache, part=part)
+        part = None
+        if config.get("train_rows"):
+            part = slice_bounds(config["train_rows"], rank, world)
+        x, y = cache_shard(train_shard, collate, device, tc.cache, rows=part)
     vx, vy = cache_shard(session.shard("validation"), collate, device, "device", "validation")
     vx, vy = vx.to(device), vy.cpu().numpy()
     weights = None

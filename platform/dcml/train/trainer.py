@@ -21,7 +21,7 @@ from dcml.direction import best_by
 from dcml.layout import META, TEST_METRICS, read_weights, run_folder
 from dcml.storage import Storage
 from dcml.train.checkpoint import freeze, load_matching
-from dcml.train.ingest import is_small, split_dataset
+from dcml.train.ingest import SMALL_SPLIT_BYTES, is_small, split_dataset
 from dcml.train.loop import train_func
 from dcml.train.model import build_model, model_spec, n_outputs
 from dcml.train.outputs import evaluate_checkpoint, publish_history, write_plots
@@ -149,10 +149,16 @@ def build_trainer(
     datasets = {split: split_dataset(storage, dataset, split) for split in ("train", "validation")}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
+    rows = dataset.manifest["rows"]["train"]
+    if rows < workers:
+        raise ValueError(f"the training split has {rows} row(s) for train.workers={workers}")
     # A small cached training split goes whole to every worker, which keeps its own slice: Ray
     # Data's streaming split starts a coordinator actor per run (~4 s on 2 cores, for any size).
+    # Small: its stored Parquet and its rows as float32 tensors (what a worker reads through).
+    decoded = rows * (len(dataset.manifest["features"]) + 1) * 4
     sliced = cfg.train.cache != "none" and is_small(dataset, "train")
-    config = {**loop_config(cfg, storage, dataset, progress), "slice_train_split": sliced}
+    sliced = sliced and decoded <= SMALL_SPLIT_BYTES
+    config = {**loop_config(cfg, storage, dataset, progress), "train_rows": rows if sliced else 0}
     return TorchTrainer(
         train_func,
         train_loop_config=config,
