@@ -34,8 +34,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """bc@1 and bc@2 (the same weights) registered; bc@production -> 1 served by 2 replicas. The
-    model is trained by the training loop in this process: these tests are about serving."""
+    """bc@1 and bc@2 (other weights: another seed) registered; bc@production -> 1 served by 2
+    replicas. The models are trained by the training loop in this process: these tests are about
+    serving."""
     root, dv = preprocessed(tmp_path_factory.mktemp("serve") / "store")
     cfg = make_config(
         root,
@@ -51,7 +52,8 @@ def served(tmp_path_factory):
     )
     checkpoint = trained_in_process(cfg, dv, root / "runs" / "serve")
     v1 = stage_register(cfg, dv, checkpoint, {}, ["production"], quiet)
-    v2 = stage_register(cfg, dv, checkpoint, {}, [], quiet)
+    other = trained_in_process(cfg.model_copy(update={"seed": 1}), dv, root / "runs" / "serve-2")
+    v2 = stage_register(cfg, dv, other, {}, [], quiet)
     url = deploy(cfg, "bc@production")
     storage = Storage.from_config(cfg)
     rows = [
@@ -269,6 +271,7 @@ class Load:
         self.url, self.row = url, row
         self.statuses: Counter = Counter()
         self.versions: list[str] = []
+        self.answers: list[tuple[str, float]] = []  # (version, probability) of each 200
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
@@ -280,6 +283,9 @@ class Load:
                 self.statuses[r.status_code] += 1
                 if r.status_code == 200:
                     self.versions.append(r.json()["model_version"])
+                    self.answers.append(
+                        (self.versions[-1], r.json()["predictions"][0]["probability"])
+                    )
                 else:
                     self.errors.append(r.text[:200])
             except requests.RequestException as e:
@@ -306,15 +312,25 @@ def wait_for(condition, timeout: float = 60, what: str = "") -> None:
 
 
 def test_moving_the_alias_switches_running_replicas_without_failing_a_request(served):
-    cfg, url, storage, rows, _ = served
+    """Two versions with different weights: every answer is exactly the old model's or the new
+    one's, labelled with the version that computed it."""
+    cfg, url, storage, rows, (v1, v2) = served
+    offline = {
+        v.ref: Predictor.from_storage(storage, v.path).predict_records(rows[:1])[0]["probability"]
+        for v in (v1, v2)
+    }
+    assert abs(offline["bc@1"] - offline["bc@2"]) > 1e-4  # the test can tell them apart
     with Load(url, rows[0]) as load:
         wait_for(lambda: len(load.versions) > 20)
-        registry.set_alias(storage, "bc", "production", 2)  # what `dcml models promote` does
+        # what `dcml models promote --force` does (the gate is not this test's subject)
+        registry.set_alias(storage, "bc", "production", 2, force=True)
         wait_for(lambda: load.versions[-8:] == ["bc@2"] * 8)
         n = len(load.versions)
         wait_for(lambda: len(load.versions) > n + 20)
     assert set(load.statuses) == {200}, (load.statuses, load.errors[:3])
     assert load.versions[0] == "bc@1" and load.versions[-1] == "bc@2"
+    for version, probability in load.answers:
+        assert abs(probability - offline[version]) < 1e-6, (version, probability, offline)
     # both replicas switched: every answer after the first bc@2 one... settles on bc@2
     assert "bc@1" not in load.versions[-20:]
     assert requests.get(f"{url}/metadata", headers=AUTH, timeout=10).json()["version"] == 2
