@@ -61,6 +61,9 @@ def ray_session():
     from dcml.config_sections import ClusterConfig
 
     prepare_env(ClusterConfig())
+    # Ray's own metrics (exported by every Ray process, gathered by its agents) cost ~9% of the
+    # CPU of a Train run on 2 cores, and no test reads them.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     # Two xdist workers may each run a session Ray: each its own dashboard port, and Ray's state
     # API in its processes (Ray Train's placement-group cleaner asks it whether the controller
     # lives) pointed at it rather than guessing among the Rays on this machine.

@@ -31,6 +31,7 @@ ENV = {
     # command line (shown in the dashboard) carries none
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
+    "RAY_enable_metrics_collection": "0",  # as the session's Ray (conftest): no test reads them
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
 }
 

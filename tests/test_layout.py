@@ -87,3 +87,13 @@ def test_no_module_imports_itself_back_through_another():
 
     cycles = [c for m in sorted(modules) if (c := cycle_from(m))]
     assert not cycles, cycles[0]
+
+
+def test_no_module_is_over_450_lines():
+    """A module past that size does several jobs; split it by job (docs/architecture.md)."""
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in (REPO / "platform" / "dcml").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 450
+    }
+    assert not long, long

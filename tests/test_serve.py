@@ -419,7 +419,9 @@ def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served
 
     from .conftest import REPO
 
-    _, url, storage, rows, _ = served
+    _, url, storage, rows, (v1, _) = served
+    # another model, with bc@1's weights and schema: its version number is bc's current one
+    registry.register(storage, "bcx", v1.path, v1.meta)
     raw = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
     app = ServeDeploySchema.model_validate(raw).applications[0]
     assert raw["http_options"]["host"] == "127.0.0.1"
@@ -430,10 +432,11 @@ def test_the_serve_config_file_deploys_and_user_config_switches_the_model(served
     serve.run(builder(args), name="fromfile", route_prefix="/fromfile")
     try:
         assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == "bc@1"
-        switched = ModelServer.options(
-            user_config={"model": "bc@2"}, ray_actor_options={"num_cpus": args["num_cpus"]}
-        ).bind(args)
-        serve.run(switched, name="fromfile", route_prefix="/fromfile")
-        assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == "bc@2"
+        for ref in ("bcx@1", "bc@2"):  # the name counts, not only the version number
+            switched = ModelServer.options(
+                user_config={"model": ref}, ray_actor_options={"num_cpus": args["num_cpus"]}
+            ).bind(args)
+            serve.run(switched, name="fromfile", route_prefix="/fromfile")
+            assert post(f"{url}/fromfile", rows[0]).json()["model_version"] == ref
     finally:
         serve.delete("fromfile", _blocking=False)

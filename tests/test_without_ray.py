@@ -126,6 +126,24 @@ def local_config(**sections) -> PipelineConfig:
     return parse_config(raw)
 
 
+def test_a_resumed_run_goes_on_exactly_as_one_never_stopped(tmp_path):
+    """Dropout draws from torch's generator: a resumed run restores its state from the
+    checkpoint (re-seeding it would give other dropout masks, and other weights, from then on)."""
+    t, features, pre, splits = _breast_cancer_xy()
+    x = pre.transform({c: t.column(c).to_numpy() for c in features})
+    y = t.column("label").to_numpy().astype(np.float32)
+    tr, va = splits == "train", splits == "validation"
+    data = {"train": table(x[tr], y[tr], features), "validation": table(x[va], y[va], features)}
+    cfg = local_config(model={"depth": 2, "width": 16, "dropout": 0.3}, train={"epochs": 4})
+    straight = fit_local(cfg, data, str(tmp_path / "straight"), features)
+    first = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
+    fit_local(first, data, str(tmp_path / "resumed"), features)
+    rest = fit_local(cfg, data, str(tmp_path / "resumed"), features)
+    assert [int(h["epoch"]) for h in rest] == [2, 3]
+    for a, b in zip(straight[2:], rest, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"], (a, b)
+
+
 def test_the_loop_runs_without_ray_learns_logistic_regression_and_resumes(tmp_path):
     t, features, pre, splits = _breast_cancer_xy()
     cols = {c: t.column(c).to_numpy() for c in features}

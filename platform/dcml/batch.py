@@ -119,6 +119,16 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     return summary
 
 
+def described(manifest: dict, output: str) -> str:
+    """What `dcml predict` wrote, for people."""
+    text = f"wrote {manifest['rows']} predictions to {output}"
+    if manifest["rows_rejected"]:
+        folder = "/".join(filter(None, [output.rstrip("/"), manifest.get("prefix"), REJECTS]))
+        text += f"\n{manifest['rows_rejected']} rows could not be scored: {folder}/ has their "
+        text += "id, field and reason"
+    return text
+
+
 def commit_predictions(commit: Commit, entries: list[str], meta: dict) -> dict:
     """Commit the files `_PredictBatch` calls wrote (their JSON entries), with `meta` and the
     counts of rows scored and rejected: the manifest."""

@@ -151,17 +151,10 @@ def predict(
     set_: list[str] | None = SetOpt,
 ):
     """Batch inference over Ray Data; writes id + predictions as Parquet."""
-    from dcml.batch import REJECTS, predict_batch
+    from dcml.batch import described, predict_batch
 
     cfg = _config(config, set_)
-    done = predict_batch(cfg, model, input, output)
-    typer.echo(f"wrote {done['rows']} predictions to {output}")
-    if done["rows_rejected"]:
-        folder = "/".join(filter(None, [output.rstrip("/"), done.get("prefix"), REJECTS]))
-        typer.echo(
-            f"{done['rows_rejected']} rows could not be scored: {folder}/ has their id, field "
-            "and reason"
-        )
+    typer.echo(described(predict_batch(cfg, model, input, output), output))
     _shutdown()
 
 

@@ -67,11 +67,7 @@ Impute = Literal["mean", "median", "unknown", "drop"]
 
 class GateConfig(_Section):
     rounds: int = Field(
-        2,
-        ge=0,
-        description="0: check only (a failed check stops the stage); 1 or more: repair what failed "
-        "(data.gate.repair) once and check again (a second repair of the same rows would change "
-        "nothing, so values above 1 act as 1).",
+        2, ge=0, description="0: check only; 1 or more: repair once and check again (as 1)."
     )
     repair: Literal["drop", "impute", "none"] = Field(
         "drop",
@@ -439,20 +435,9 @@ class ServeConfig(_Section):
         description="A category not seen in training: the unknown bucket (as in training), or 422.",
     )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
-    auth_token: str | None = Field(
-        None,
-        min_length=1,
-        description="If set, requests need this bearer token (never stored; prefer "
-        "auth_token_env or auth_token_file outside a laptop).",
-    )
-    auth_token_env: str | None = Field(
-        None, description="The bearer token from this environment variable of the replicas."
-    )
-    auth_token_file: str | None = Field(
-        None,
-        description="The bearer token from this file on the replicas' machines, re-read when it "
-        "changes (rotate it without a restart).",
-    )
+    auth_token: str | None = Field(None, min_length=1, description="Bearer token (never stored).")
+    auth_token_env: str | None = Field(None, description="Bearer token from this env variable.")
+    auth_token_file: str | None = Field(None, description="Bearer token from this file, re-read.")
     demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")
 
     @model_validator(mode="after")

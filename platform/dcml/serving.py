@@ -75,7 +75,10 @@ class ModelServer:
         from dcml.registry import resolve_model
 
         mv = resolve_model(self.storage, self.ref)
-        if mv.version == self.predictor.meta.get("version"):
+        if (mv.name, mv.version) == (
+            self.predictor.meta.get("name"),
+            self.predictor.meta.get("version"),
+        ):
             return False
         new = Predictor.from_storage(self.storage, mv.path, self.device)
         if not same_schema(new.preprocessor, self.predictor.preprocessor):

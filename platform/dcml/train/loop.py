@@ -112,6 +112,9 @@ def train_func(config: dict[str, Any], session=None) -> None:
         if plateau is not None and "plateau" in extra:
             plateau.load_state_dict(extra["plateau"])
         stop.best, stop.bad_epochs = extra.get("best"), extra.get("bad_epochs", 0)
+        restore_rng(extra, device)
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
         if rank == 0 and config.get("progress", True):
             print(f"[dcml] resuming from the checkpoint of epoch {start}", flush=True)
 
@@ -162,6 +165,9 @@ def train_func(config: dict[str, Any], session=None) -> None:
                 if rank == 0:
                     meta = {"metrics": metrics, "model_spec": spec, "features": features}
                     extra = {**stop.state(), "plateau": plateau.state_dict() if plateau else None}
+                    extra |= rng_state(device)
+                    if scaler is not None:
+                        extra["scaler"] = scaler.state_dict()
                     save_checkpoint(d, model, optimizer, epoch, meta, extra)
                     write_history(d, history)
                     session.report(metrics, d)
@@ -173,6 +179,22 @@ def train_func(config: dict[str, Any], session=None) -> None:
             if rank == 0 and config.get("progress", True):
                 print(f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}")
             break
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random state dropout draws from, for a resumed run to go on as if never stopped.
+    Every rank seeds the same generator and draws alike, so rank 0's state is every rank's."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(extra: dict[str, Any], device: torch.device) -> None:
+    if "rng" in extra:  # checkpoints before it was stored re-seed instead
+        torch.set_rng_state(extra["rng"])
+    if device.type == "cuda" and "cuda_rng" in extra:
+        torch.cuda.set_rng_state(extra["cuda_rng"], device)
 
 
 def fit_local(
