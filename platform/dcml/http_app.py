@@ -74,10 +74,14 @@ class BearerToken:
             if not value:
                 raise ValueError(f"serve.auth_token_env: ${env} is not set in this environment")
         self.file, self.recheck_s = file, recheck_s
-        self.expected = None if value is None else f"Bearer {value}".encode()
+        self._set(value)
         self._checked, self._warned = 0.0, False
         if file is not None:
             self._reload()
+
+    def _set(self, value: str | None) -> None:
+        self.value = value  # the token itself, for a client of the app
+        self.expected = None if value is None else f"Bearer {value}".encode()
 
     @property
     def required(self) -> bool:
@@ -101,7 +105,7 @@ class BearerToken:
             token = f.read().strip()
         if not token:
             raise ValueError(f"serve.auth_token_file: {self.file} is empty")
-        self.expected = f"Bearer {token}".encode()
+        self._set(token)
 
 
 def bearer_token(serve_cfg: Any) -> BearerToken:

@@ -253,8 +253,7 @@ def served_token(cfg: PipelineConfig) -> str | None:
     """The bearer token the deployed app requires, as this process can read it (None: none)."""
     from dcml.http_app import bearer_token
 
-    expected = bearer_token(cfg.serve).current()
-    return None if expected is None else expected.decode().removeprefix("Bearer ")
+    return bearer_token(cfg.serve).value
 
 
 def query_served_model(

@@ -65,8 +65,6 @@ SECRET_WORDS = ("key", "secret", "token", "password", "credential", "connection_
 def refuse_secret(override: str) -> None:
     """A job's entrypoint is shown to everyone who can see the cluster (the dashboard, `ray job
     list`, the job's logs): a credential given with `--set` is refused before it goes there."""
-    import yaml
-
     path, _, value = override.partition("=")
     path = path.strip()
     if path == "serve.auth_token":

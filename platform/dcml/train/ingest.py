@@ -40,16 +40,13 @@ def cache_shard(
     slice; only those are kept while reading)."""
     parts, seen = [], 0
     for bx, by in shard.iter_torch_batches(batch_size=8192, collate_fn=collate, device="cpu"):
-        if rows is not None:
-            lo, hi = rows[0] - seen, rows[1] - seen
-            seen += len(bx)
-            if lo >= len(bx):
-                continue
-            bx, by = bx[max(lo, 0) : hi].clone(), by[max(lo, 0) : hi].clone()
-            if seen >= rows[1]:
-                parts.append((bx, by))
-                break
+        start, seen = seen, seen + len(bx)
+        if rows is not None:  # this batch's rows inside lo..hi, copied out of the batch
+            lo, hi = max(rows[0] - start, 0), rows[1] - start
+            bx, by = bx[lo:hi].clone(), by[lo:hi].clone()
         parts.append((bx, by))
+        if rows is not None and seen >= rows[1]:
+            break
     if not parts or not sum(len(p[0]) for p in parts):
         raise RuntimeError(f"a worker's {name} shard is empty: use fewer train.workers")
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

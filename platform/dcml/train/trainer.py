@@ -156,8 +156,8 @@ def build_trainer(
     # Data's streaming split starts a coordinator actor per run (~4 s on 2 cores, for any size).
     # Small: its stored Parquet and its rows as float32 tensors (what a worker reads through).
     decoded = rows * (len(dataset.manifest["features"]) + 1) * 4
-    sliced = cfg.train.cache != "none" and is_small(dataset, "train")
-    sliced = sliced and decoded <= SMALL_SPLIT_BYTES
+    small = is_small(dataset, "train") and decoded <= SMALL_SPLIT_BYTES
+    sliced = cfg.train.cache != "none" and small
     config = {**loop_config(cfg, storage, dataset, progress), "train_rows": rows if sliced else 0}
     return TorchTrainer(
         train_func,
