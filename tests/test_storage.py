@@ -12,7 +12,7 @@ from dcml import registry
 from dcml.cli import main
 from dcml.data.catalog import list_versions, verify_dataset
 from dcml.predictor import Predictor
-from dcml.storage import DamagedError, Storage, read_manifest
+from dcml.storage import Commit, DamagedError, Storage, check_files, read_manifest
 
 from .conftest import make_config, moto_s3, preprocessed, start_dcml, tiny_categorical_model
 
@@ -119,6 +119,34 @@ def test_a_create_that_got_through_before_its_answer_was_lost_is_won_not_lost(st
     assert store.create_owned(path, record) is True  # the retry finds its own
     assert store.create_owned(path, {"writer": "someone else"}) is False
     assert store.read_json(path) == record
+
+
+class Busy(Storage):
+    """A store where removing fails, as removing a folder another writer is still writing into
+    (or removing itself) does."""
+
+    def remove(self, path: str) -> None:
+        raise OSError(39, "Directory not empty", path)
+
+
+def test_a_commit_stands_when_other_writers_files_cannot_be_removed_and_abort_keeps_it(store):
+    """Two writers of one folder (two runs of one config); the winner's clean-up of the loser's
+    prefix fails, and its caller then fails too and aborts: the committed files stay (seen as
+    a dataset whose manifest listed missing files, when concurrent preprocess runs raced)."""
+    busy = Busy(store.uri(), store.options)
+    folder = store.path("datasets", "d", "v1")
+    loser, winner = Commit(store, folder), Commit(busy, folder)
+    loser.put("part-0.parquet", b"theirs")
+    winner.put("part-0.parquet", b"ours")
+    manifest = winner.commit({"name": "d"})
+    winner.abort()  # a failure after the commit, in the caller's clean-up
+    assert check_files(store, folder, manifest) == []
+    assert sorted(store.ls(folder)) == sorted(["_manifest.json", loser.prefix, winner.prefix])
+    with pytest.raises(FileExistsError):
+        loser.commit({"name": "d"})
+    loser.abort()
+    assert sorted(store.ls(folder)) == ["_manifest.json", winner.prefix]
+    assert check_files(store, folder, manifest) == []
 
 
 def version_with(storage, path, meta, dataset="d@1", **metrics):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dcml.layout import MANIFEST
 
+log = logging.getLogger(__name__)
 TX_PREFIX = "tx-"  # a writer's own folder: tx-<UTC time>-<random>
 LOCAL_TMP = ".tmp-"  # a local file being written, beside the name it will take
 FORMAT = 3  # of manifests that list their files
@@ -236,6 +238,7 @@ class Commit:
     prefix: str = field(default_factory=new_tx)
     files: list[dict[str, Any]] = field(default_factory=list)
     writer: str = field(default_factory=lambda: uuid.uuid4().hex)
+    committed: bool = False
 
     @property
     def base(self) -> str:
@@ -278,14 +281,30 @@ class Commit:
         }
         if not self.storage.create_owned(f"{self.folder}/{self.marker}", manifest):
             raise FileExistsError(f"{self.storage.to_uri(self.folder)} was committed by another")
+        self.committed = True
         if self.prefix:
-            for entry in self.storage.ls(self.folder):
-                if entry.startswith(TX_PREFIX) and entry != self.prefix:
-                    self.storage.remove(f"{self.folder}/{entry}")
+            self._remove_others()
         return manifest
 
+    def _remove_others(self) -> None:
+        """Best effort: the commit stands whatever happens here (another writer removing its own
+        files meanwhile, a store's hiccup); `dcml gc` removes what is left."""
+        try:
+            entries = self.storage.ls(self.folder)
+        except Exception:
+            entries = []
+        for entry in entries:
+            if entry.startswith(TX_PREFIX) and entry != self.prefix:
+                try:
+                    self.storage.remove(f"{self.folder}/{entry}")
+                except Exception as e:
+                    log.warning("left %s (`dcml gc` removes it): %s", entry, e)
+
     def abort(self) -> None:
-        """Remove this writer's files (never another writer's, never a manifest)."""
+        """Remove this writer's files (never another writer's, never a manifest, nothing once
+        committed: a caller that fails after the commit must not take the committed files)."""
+        if self.committed:
+            return
         if self.prefix:
             self.storage.remove(self.base)
         else:
