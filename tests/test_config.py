@@ -145,3 +145,12 @@ def test_dcml_submit_refuses_credentials_on_the_job_command_line(capsys):
 def test_an_empty_token_is_refused():
     with pytest.raises(ConfigError, match="serve.auth_token"):
         load_config(None, ["serve.auth_token=''"])  # would accept a header with no token
+
+
+def test_an_older_config_with_gate_rounds_still_loads():
+    """`data.gate.rounds` is gone (one repair round is all a repair can do): 0 meant check only."""
+    assert load_config(None, ["data.gate.rounds=0"]).data.gate.repair == "none"
+    assert load_config(None, ["data.gate.rounds=2"]).data.gate.repair == "drop"
+    assert "rounds" not in load_config(None, ["data.gate.rounds=1"]).data.gate.model_dump()
+    with pytest.raises(ConfigError, match="data.gate: .*rounds .*'two' is not 0 or more"):
+        load_config(None, ["data.gate.rounds=two"])

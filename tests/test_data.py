@@ -181,7 +181,7 @@ def test_gate_repairs_then_passes_or_stops_with_a_report(tmp_path):
     assert sum(dv.manifest["rows"][s] for s in ("train", "validation", "test")) == 300
 
     with pytest.raises(GateError) as e:
-        run(tmp_path, name="strict", clip_quantiles=None, gate={"rounds": 0})
+        run(tmp_path, name="strict", clip_quantiles=None, gate={"repair": "none"})
     msg = str(e.value)
     assert "finite" in msg and "'f1'" in msg and "part-0.csv row 3 (id 3)" in msg
     assert stored(tmp_path, "strict") == []  # nothing committed, no temporary folder left

@@ -21,13 +21,13 @@ from dcml.config_sections import (
     ConfigError,
     DataConfig,
     ModelConfig,
-    ServeConfig,
     StorageConfig,
     TrainConfig,
     TuneConfig,
     _Section,
 )
 from dcml.direction import mode_of
+from dcml.serve_config import ServeConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_config"]
 

@@ -1,6 +1,7 @@
-"""The sections of the pipeline config (`cluster`, `storage`, `data`, `model`, `train`, `tune`,
-`serve`): every field with its default, its bounds and the description that the docs and errors
-show. `dcml.config` puts them together and reads, overrides and validates a config.
+"""The sections of the pipeline config (`cluster`, `storage`, `data`, `model`, `train`, `tune`;
+`serve` is in dcml.serve_config): every field with its default, its bounds and the description
+that the docs and errors show. `dcml.config` puts them together and reads, overrides and
+validates a config.
 """
 
 from __future__ import annotations
@@ -66,15 +67,28 @@ Impute = Literal["mean", "median", "unknown", "drop"]
 
 
 class GateConfig(_Section):
-    rounds: int = Field(
-        2, ge=0, description="0: check only; 1 or more: repair once and check again (as 1)."
-    )
     repair: Literal["drop", "impute", "none"] = Field(
         "drop",
-        description="What a repair round does with rows that fail a check: drop them, or impute "
-        "(non-finite values become 0, the training mean after scaling; values out of range are "
-        "clipped). Rows with a bad label are always dropped.",
+        description="What the one repair round does with rows that fail a check: drop them, or "
+        "impute (non-finite values become 0, the training mean after scaling; values out of range "
+        "are clipped), then everything is checked again; none: check only. Rows with a bad label "
+        "are always dropped.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_rounds(cls, raw: Any) -> Any:
+        """`rounds` (gone: a second repair of the same rows changes nothing) in an older config:
+        0 meant check only, which is `repair: none`; any other value meant what no value does."""
+        if isinstance(raw, dict) and "rounds" in raw:
+            raw = dict(raw)
+            rounds = raw.pop("rounds")
+            if type(rounds) is not int or rounds < 0:
+                raise ValueError(f"rounds (gone; 0 was repair: none): {rounds!r} is not 0 or more")
+            if rounds == 0:
+                raw["repair"] = "none"
+        return raw
+
     min_rows_per_split: int = Field(10, ge=1, description="Fewest rows a split may have.")
     min_class_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Classification: the rarest class's least share per split."
@@ -373,76 +387,4 @@ class TuneConfig(_Section):
                 )
             if self.searcher == "optuna" and kind == "grid":
                 raise ValueError(f"space.{path}: searcher optuna cannot take grid; use choice")
-        return self
-
-
-class ServeAutoscaling(_Section):
-    """Ray Serve's `autoscaling_config`; a field left unset keeps Serve's default."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(
-        8, gt=0, description="Requests in flight per replica that autoscaling aims at."
-    )
-    upscale_delay_s: float | None = Field(None, ge=0, description="Load this long before adding.")
-    downscale_delay_s: float | None = Field(
-        None, ge=0, description="Quiet this long before removing a replica."
-    )
-    metrics_interval_s: float | None = Field(
-        None, gt=0, description="How often replicas report their load."
-    )
-    look_back_period_s: float | None = Field(
-        None, gt=0, description="The window that load is averaged over."
-    )
-
-    @model_validator(mode="after")
-    def _order(self) -> ServeAutoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}"
-            )
-        return self
-
-
-class ServeConfig(_Section):
-    host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless told otherwise.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    app_name: str = Field("dcml", description="Ray Serve application name.")
-    route_prefix: str = Field("/", description="Route prefix of the application.")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the model deployment.")
-    autoscaling: ServeAutoscaling | None = Field(
-        None, description="Set to autoscale replicas on load (num_replicas is then ignored)."
-    )
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica.")
-    use_gpu: bool = Field(False, description="One GPU per replica; the model runs on it.")
-    max_batch_size: int = Field(
-        256, ge=1, description="Dynamic batching: most records predicted in one call."
-    )
-    batch_wait_s: float = Field(
-        0.0,
-        ge=0,
-        description="Dynamic batching: longest wait for more requests to batch (0: batch the "
-        "requests that queued while the last batch ran, adding no latency).",
-    )
-    reload_s: float = Field(
-        5.0,
-        ge=0,
-        description="How often replicas check where the served alias points and switch to its "
-        "version (0: never).",
-    )
-    unknown_categories: Literal["bucket", "reject"] = Field(
-        "bucket",
-        description="A category not seen in training: the unknown bucket (as in training), or 422.",
-    )
-    max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
-    auth_token: str | None = Field(None, min_length=1, description="Bearer token (never stored).")
-    auth_token_env: str | None = Field(None, description="Bearer token from this env variable.")
-    auth_token_file: str | None = Field(None, description="Bearer token from this file, re-read.")
-    demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")
-
-    @model_validator(mode="after")
-    def _one_token_source(self) -> ServeConfig:
-        given = [n for n in ("auth_token", "auth_token_env", "auth_token_file") if getattr(self, n)]
-        if len(given) > 1:
-            raise ValueError(f"give one of {', '.join(given)}, not both")
         return self

@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from pydantic import Field
 from ray import serve
 
-from dcml.config_sections import ServeConfig
 from dcml.http_app import bearer_token, build_http_app, same_schema
 from dcml.predictor import Predictor
+from dcml.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The validation gate: checks over every shard after preprocessing, bounded repair, a report.
 
 This is the seed's "preprocessing done? if not, preprocess again": failed checks that have a repair
-(drop, or impute, the offending rows) are repaired and everything is checked again, once (with
-`rounds` >= 1); otherwise the stage stops with a report naming the check, column, split, file and
+(drop, or impute, the offending rows) are repaired and everything is checked again, once (unless
+`repair: none`); otherwise the stage stops with a report naming the check, column, split, file and
 example rows. Nothing is committed unless the gate passes.
 """
 
@@ -227,7 +227,7 @@ def run_gate(spec: GateSpec, check_round: Callable[[str | None], dict]) -> tuple
     report = GateReport()
     first: dict | None = None
     repair: str | None = None
-    for attempt in range(spec.config.rounds + 1):
+    while True:
         totals = check_round(repair)
         first = first or totals
         checks = evaluate(spec, totals)
@@ -241,7 +241,6 @@ def run_gate(spec: GateSpec, check_round: Callable[[str | None], dict]) -> tuple
                 )
             return report, totals
         repairable = all(c.repairable for c in failed) and spec.config.repair != "none"
-        if attempt == spec.config.rounds or not repairable or repair is not None:
+        if not repairable or repair is not None:
             raise GateError(report)
         repair = spec.config.repair
-    raise GateError(report)
