@@ -32,6 +32,7 @@ WITHOUT_RAY = {
     "tests/test_layout.py",
     "tests/test_registry.py",
     "tests/test_report.py",
+    "tests/test_serve_process.py",
     "tests/test_without_ray.py",
 }
 

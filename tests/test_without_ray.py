@@ -349,6 +349,16 @@ def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_
         {"id": 4, "field": "x", "reason": "not a finite number"},
     ]
     assert actor.predict(batch.slice(1, 1))[0].num_rows == 0  # all rejected: nothing scored
+    # an unseen category: the unknown bucket, or with `serve.unknown_categories: reject` (what
+    # Serve answers with a 422) a reject row; a missing one is still the unknown bucket
+    colors = pa.table({"id": [5, 6, 7], "x": [1.0] * 3, "color": ["red", "mauve", None]})
+    assert actor.predict(colors)[0].column("id").to_pylist() == [5, 6, 7]
+    strict = _PredictBatch(storage, mv.path, "id", out, "tx", unknown_categories="reject")
+    scored, rejected = strict.predict(colors)
+    assert scored.column("id").to_pylist() == [5, 7]
+    assert rejected.to_pylist() == [
+        {"id": 6, "field": "color", "reason": "not a category seen in training: 'blue', 'red'"}
+    ]
     assert actor.predict(batch.slice(0, 0))[0].num_rows == 0  # no rows at all
 
 
@@ -382,6 +392,13 @@ def test_every_rank_keeps_its_own_slice_of_a_whole_split():
                 kept.append(x[:, 0].numpy().astype(np.int64))
             assert max(map(len, kept)) - min(map(len, kept)) <= 1, (n, world)
             assert (np.concatenate(kept) == np.arange(n)).all(), (n, world)
+    # fewer rows than workers: refused before Ray is asked for anything
+    from dcml.data.catalog import DatasetVersion
+    from dcml.train.trainer import build_trainer
+
+    tiny = DatasetVersion("d", "v", "/nowhere", {"rows": {"train": 3}})
+    with pytest.raises(ValueError, match=r"the training split has 3 row\(s\) for train.workers=4"):
+        build_trainer(parse_config({}), None, tiny, "run", workers=4)
     with pytest.raises(RuntimeError, match="shard is empty"):
         cache_shard(split, collate, torch.device("cpu"), "memory", rows=(5, 5))
 
@@ -423,8 +440,22 @@ def test_the_token_comes_from_the_environment_or_a_file_that_can_rotate(tmp_path
     # the token's value is never stored with a run or a model
     from dcml.config import public_dump
 
-    dumped = json.dumps(public_dump(load_config(None, ["serve.auth_token=s3cret-value"])))
+    fixed = load_config(None, ["serve.auth_token=s3cret-value"])
+    dumped = json.dumps(public_dump(fixed))
     assert "s3cret-value" not in dumped
+    # nor does it travel to Serve (whose status and dashboard show a deployment's arguments):
+    # replicas get its digest, and check it
+    from dcml.serving import ServeArgs, serve_args
+
+    args = serve_args(fixed, "c@1")
+    assert "s3cret-value" not in json.dumps(args) and args["auth_token_sha256"]
+    hashed = bearer_token(ServeArgs.model_validate(args))
+    assert status(hashed, "s3cret-value") == 200 and status(hashed, "s3cret") == 401
+    # resuming a run stored with another token source takes the one given now, not both
+    from dcml.config import parse_config, with_secrets
+
+    stored = public_dump(cfg)  # auth_token_env
+    assert parse_config(with_secrets(stored, fixed)).serve.auth_token == "s3cret-value"
 
 
 def test_model_options_width_list_norm_residual():
@@ -563,3 +594,51 @@ def test_gpu_check_script_runs_without_ray(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bf16" in done.stdout and done.stdout.strip().endswith("OK")
+
+
+HAPROXY_CFG = """global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 1s
+    timeout server 1s
+frontend prometheus
+    bind :{metrics}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+frontend http_frontend
+    bind *:{http}
+    default_backend replicas
+backend replicas
+    server r1 127.0.0.1:30000
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
+"""
+
+
+def test_the_haproxy_wrapper_moves_only_the_stats_and_metrics_pages_to_loopback(tmp_path):
+    """Serve writes `bind *:STATS` and `bind :METRICS` (all interfaces); the HAProxy that dcml
+    has Serve run rewrites those two and nothing else (a serve.host of 0.0.0.0 is `bind *:PORT`
+    too), and the real HAProxy accepts the result (`-c`: check the config)."""
+    import subprocess
+
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from dcml.cluster import _haproxy_binary, loopback_haproxy
+
+    # the lines Serve's template writes for the two pages (a Ray upgrade that changes them fails)
+    assert "bind :{{ config.metrics_port }}" in HAPROXY_CONFIG_TEMPLATE
+    assert "bind *:{{ config.stats_port }}" in HAPROXY_CONFIG_TEMPLATE
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(metrics=9101, http=8404, stats=18404))
+    wrapper = loopback_haproxy(str(tmp_path), _haproxy_binary(), ["18404", "9101"])
+    checked = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    binds = [line.strip() for line in config.read_text().splitlines() if "bind" in line]
+    assert binds == ["bind 127.0.0.1:9101", "bind *:8404", "bind 127.0.0.1:18404"]
+    config.unlink()  # a rewrite that fails stops the start
+    failed = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "haproxy.cfg" in failed.stderr

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dcml import registry
 from dcml.cluster import connect
 from dcml.config import PipelineConfig
 from dcml.data.sources import read_dataset, resolve_files
-from dcml.data.transforms import numeric_matrix
+from dcml.data.transforms import Preprocessor, as_text, numeric_matrix
 from dcml.predictor import Predictor
 from dcml.storage import Commit, Storage, file_entry, require_new_output
 
@@ -24,9 +26,18 @@ class _PredictBatch:
     """Ray Data actor: loads the model once, then predicts and writes batch after batch, each as
     one Parquet file under the output's writer prefix; returns the files' manifest entries."""
 
-    def __init__(self, storage: Storage, model_path: str, id_col: str, out: Storage, base: str):
+    def __init__(
+        self,
+        storage: Storage,
+        model_path: str,
+        id_col: str,
+        out: Storage,
+        base: str,
+        unknown_categories: str = "bucket",
+    ):
         self.predictor = Predictor.from_storage(storage, model_path)
         self.id_col, self.out, self.base = id_col, out, base
+        self.reject_unseen = unknown_categories == "reject"
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import uuid
@@ -54,6 +65,8 @@ class _PredictBatch:
         columns = {c: batch.column(c) for c in p.inputs}
         raw = numeric_matrix(columns, p.preprocessor.numeric) if p.preprocessor.numeric else None
         out, problems = p.score(p.preprocessor.transform(columns, numeric=raw), raw)
+        if self.reject_unseen:
+            problems = unseen_categories(p.preprocessor, columns) | problems
         ids = batch.column(self.id_col)
         bad = np.zeros(len(out), dtype=bool)
         bad[list(problems)] = True
@@ -77,6 +90,23 @@ class _PredictBatch:
         return pa.table(columns), rejected
 
 
+def unseen_categories(pre: Preprocessor, columns: dict) -> dict[int, dict[str, Any]]:
+    """Rows with a category training never saw (`serve.unknown_categories: reject`: what Serve
+    answers with a 422), by their first such column."""
+    problems: dict[int, dict[str, Any]] = {}
+    for name in pre.categorical:
+        known = pre.categories[name]
+        if not known:  # no category kept in training: every value is the unknown bucket's
+            continue
+        values = as_text(columns[name])
+        unseen = pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(known))))
+        listed = ", ".join(map(repr, known[:10])) + (", ..." if len(known) > 10 else "")
+        problem = {"field": name, "msg": f"not a category seen in training: {listed}"}
+        for row in np.flatnonzero(unseen.to_numpy(zero_copy_only=False)).tolist():
+            problems.setdefault(row, problem)
+    return problems
+
+
 def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_uri: str) -> dict:
     """Score the raw shards at `input_uri` with a registered version into a new output folder:
     its manifest (`rows` scored, `rows_rejected` into `<prefix>/_rejects/`)."""
@@ -97,7 +127,14 @@ def predict_batch(cfg: PipelineConfig, model_ref: str, input_uri: str, output_ur
     try:
         written = ds.map_batches(
             _PredictBatch,
-            fn_constructor_args=(storage, mv.path, id_col, out, commit.base),
+            fn_constructor_args=(
+                storage,
+                mv.path,
+                id_col,
+                out,
+                commit.base,
+                cfg.serve.unknown_categories,
+            ),
             batch_format="pyarrow",
             batch_size=65_536,  # the model is small: big batches keep per-call overhead down
             concurrency=(1, 2),

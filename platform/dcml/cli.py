@@ -52,7 +52,7 @@ def run(
     run_pipeline(cfg, _log, keep_serving=serve_forever)
     if serve_forever:
         _block(cfg)
-    _shutdown()
+    _shutdown(cfg if serve_forever else None)
 
 
 @app.command()
@@ -139,7 +139,7 @@ def serve(
     url = deploy(cfg, model)
     typer.echo(f"serving {model} at {url}/predict (docs at {url}/docs); Ctrl-C stops")
     _block(cfg)
-    _shutdown()
+    _shutdown(cfg)
 
 
 @app.command()
@@ -409,19 +409,19 @@ def gc(
 
 
 def _block(cfg: PipelineConfig) -> None:
-    import time
+    from dcml.cluster import owns_ray, wait_for_stop
 
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        typer.echo("stopping")
+    wait_for_stop()
+    if owns_ray():
+        typer.echo("stopping: finishing the requests in flight, then shutting down")
+    else:
+        typer.echo(f"stopping: {cfg.serve.app_name!r} keeps serving on the cluster")
 
 
-def _shutdown() -> None:
+def _shutdown(serving: PipelineConfig | None = None) -> None:
     from dcml.cluster import shutdown
 
-    shutdown()
+    shutdown(serving.serve.app_name if serving else None)
 
 
 def main(argv: list[str] | None = None) -> int:

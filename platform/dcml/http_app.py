@@ -7,6 +7,7 @@ middleware and routing, with the body validated by pydantic-core straight from i
 an `x-dcml-batch-size` header: the records predicted in the call that answered it.
 """
 
+import hashlib
 import hmac
 import json
 import logging
@@ -57,10 +58,17 @@ def same_schema(a: Preprocessor, b: Preprocessor) -> bool:
     ) and {c: a.fill[c] is None for c in a.numeric} == {c: b.fill[c] is None for c in b.numeric}
 
 
+def token_digest(value: str) -> str:
+    """What a server keeps of a fixed token (the SHA-256 of its `Authorization` header value):
+    Serve's deployment arguments are shown in its dashboard and status, the token is not."""
+    return hashlib.sha256(f"Bearer {value}".encode()).hexdigest()
+
+
 class BearerToken:
-    """The token requests must carry: fixed, from an environment variable (read once), or from a
-    file, re-read when it changes (checked at most every `recheck_s`), so that a token can be
-    rotated without a restart. Its value is never logged or stored."""
+    """The token requests must carry: fixed (or its digest), from an environment variable (read
+    once), or from a file, re-read when it changes (checked at most every `recheck_s`), so that a
+    token can be rotated without a restart. Its value is never logged or stored. A header is
+    checked by comparing digests."""
 
     def __init__(
         self,
@@ -68,6 +76,7 @@ class BearerToken:
         env: str | None = None,
         file: str | None = None,
         recheck_s: float = 1.0,
+        digest: str | None = None,
     ):
         if env is not None:
             value = os.environ.get(env)
@@ -75,20 +84,22 @@ class BearerToken:
                 raise ValueError(f"serve.auth_token_env: ${env} is not set in this environment")
         self.file, self.recheck_s = file, recheck_s
         self._set(value)
+        if digest:
+            self.expected = bytes.fromhex(digest)
         self._checked, self._warned = 0.0, False
         if file is not None:
             self._reload()
 
     def _set(self, value: str | None) -> None:
         self.value = value  # the token itself, for a client of the app
-        self.expected = None if value is None else f"Bearer {value}".encode()
+        self.expected = None if value is None else bytes.fromhex(token_digest(value))
 
     @property
     def required(self) -> bool:
         return self.expected is not None
 
     def current(self) -> bytes | None:
-        """`Bearer TOKEN` as bytes (None: no token required)."""
+        """The digest of `Bearer TOKEN` (None: no token required)."""
         if self.file is not None and time.monotonic() - self._checked >= self.recheck_s:
             try:
                 self._reload()
@@ -110,7 +121,9 @@ class BearerToken:
 
 def bearer_token(serve_cfg: Any) -> BearerToken:
     """The token a `serve` section (or ServeArgs) asks for."""
-    return BearerToken(serve_cfg.auth_token, serve_cfg.auth_token_env, serve_cfg.auth_token_file)
+    s = serve_cfg
+    digest = getattr(s, "auth_token_sha256", None)
+    return BearerToken(s.auth_token, s.auth_token_env, s.auth_token_file, digest=digest)
 
 
 class LocalModel:
@@ -152,7 +165,9 @@ class PredictEndpoint:
     def authorized(self, authorization: bytes) -> bool:
         """Whether an Authorization header value carries the token (any, when none is set)."""
         expected = self.token.current()
-        return expected is None or hmac.compare_digest(authorization, expected)
+        if expected is None:
+            return True
+        return hmac.compare_digest(hashlib.sha256(authorization).digest(), expected)
 
     async def answer(self, headers: dict[bytes, bytes], receive) -> tuple[int, bytes, list]:
         if not self.authorized(headers.get(b"authorization", b"")):
@@ -321,6 +336,8 @@ def build_http_app(
             "model": m.get("name"),
             "version": m.get("version"),
             "ref": model_ref,
+            # the version the reference points at, refused: its inputs differ from the served ones
+            "refused": getattr(source, "refused", None),
             "alias": alias if alias and not alias.isdigit() and alias != "latest" else None,
             "task": m.get("task", "binary"),
             "inputs": {"numeric": pre.numeric, "categorical": pre.categorical},

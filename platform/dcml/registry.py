@@ -18,6 +18,7 @@ import math
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +252,20 @@ def resolve_model(storage: Storage, ref: str) -> ModelVersion:
             f"aliases: {sorted(aliases(storage, name)) or 'none'}"
         )
     return get_version(storage, name, stack[-1])
+
+
+def pointed_at(storage: Storage, ref: str) -> Iterator[ModelVersion]:
+    """The versions `ref` has pointed at, newest first: an alias's stack (what a rollback would
+    return to), a version alone, or every version for NAME / NAME@latest."""
+    name, _, tag = ref.partition("@")
+    if tag.isdigit():
+        versions = [int(tag)]
+    elif tag in ("", "latest"):
+        versions = _versions(storage, name)
+    else:
+        versions = _stack(alias_history(storage, name, tag))
+    for v in reversed(versions):
+        yield get_version(storage, name, v)
 
 
 def list_models(storage: Storage) -> dict[str, list[int]]:

@@ -18,8 +18,10 @@ from fastapi import FastAPI
 from pydantic import Field
 from ray import serve
 
-from dcml.http_app import bearer_token, build_http_app, same_schema
+from dcml.data.transforms import Preprocessor
+from dcml.http_app import bearer_token, build_http_app, same_schema, token_digest
 from dcml.predictor import Predictor
+from dcml.registry import ModelVersion, pointed_at, resolve_model
 from dcml.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,22 @@ class ServeArgs(ServeConfig):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the storage root."
     )
+    schema_of: str | None = Field(
+        None,
+        pattern=r"^[^@]+@[0-9]+$",
+        description="NAME@VERSION whose inputs the deployment keeps (default: the version `model` "
+        "resolves to when the application is built). Every replica, a new one too, refuses a "
+        "version with other inputs and serves the newest one `model` pointed at with these.",
+    )
+    auth_token_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 (hex) of `Bearer TOKEN`: what replicas get for `auth_token`.",
+    )
+
+
+def inputs_of(mv: ModelVersion) -> Preprocessor:
+    return Preprocessor.from_json(mv.meta["preprocessor"])
 
 
 def _signature_computed(fn: Callable) -> Callable:
@@ -56,37 +74,57 @@ class ModelServer:
         self.storage = Storage(self.args.storage_root, self.args.storage_options)
         self.device = "cuda" if self.args.use_gpu else "cpu"
         self.ref = self.args.model
-        self.predictor = self._load(self.ref)
+        # the version whose inputs this replica keeps (NAME@N; app_builder pins it for all)
+        self.pinned = resolve_model(self.storage, self.args.schema_of or self.ref)
+        self.inputs = inputs_of(self.pinned)
+        self.lock = threading.Lock()  # one switch at a time: the follower's or reconfigure's
+        self.predictor: Predictor | None = None
+        self.target: tuple[str, int] | None = None  # what `ref` resolved to at the last check
+        self.refused: str | None = None  # the version `ref` points at, when its inputs differ
+        self.switch()
         self.in_flight = 0  # requests in `predict`
         self.predict_batch.set_max_batch_size(self.args.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_s)
         if self.args.reload_s > 0:
             threading.Thread(target=self._follow, name="dcml-follow-alias", daemon=True).start()
 
-    def _load(self, ref: str) -> Predictor:
-        from dcml.registry import resolve_model
-
-        return Predictor.from_storage(
-            self.storage, resolve_model(self.storage, ref).path, self.device
-        )
-
     def switch(self) -> bool:
-        """Load the version the reference points at now, if it is another; True if switched."""
-        from dcml.registry import resolve_model
+        """Load the version the reference points at now, if it is another; True if switched.
 
+        A version whose inputs differ from the deployment's is refused (one endpoint, one
+        schema); the replica then serves the newest version the reference pointed at with the
+        deployment's inputs (else the pinned version), which every replica, a new one too,
+        finds the same."""
+        with self.lock:
+            return self._switch()
+
+    def _switch(self) -> bool:
         mv = resolve_model(self.storage, self.ref)
-        if (mv.name, mv.version) == (
+        target = (mv.name, mv.version)
+        if target == self.target:
+            return False
+        refused = None if same_schema(inputs_of(mv), self.inputs) else mv.ref
+        if refused:
+            log.error(
+                "not serving %s for %s: its inputs differ from the served ones", mv.ref, self.ref
+            )
+            mv = next(
+                (
+                    c
+                    for c in pointed_at(self.storage, self.ref)
+                    if same_schema(inputs_of(c), self.inputs)
+                ),
+                self.pinned,
+            )
+        switched = self.predictor is None or (mv.name, mv.version) != (
             self.predictor.meta.get("name"),
             self.predictor.meta.get("version"),
-        ):
-            return False
-        new = Predictor.from_storage(self.storage, mv.path, self.device)
-        if not same_schema(new.preprocessor, self.predictor.preprocessor):
-            log.error("not switching to %s: its inputs differ from the served schema", mv.ref)
-            return False
-        self.predictor = new  # one assignment: a batch uses the old or the new, whole
-        log.info("now serving %s for %s", mv.ref, self.ref)
-        return True
+        )
+        if switched:  # one assignment: a batch uses the old or the new, whole
+            self.predictor = Predictor.from_storage(self.storage, mv.path, self.device)
+            log.info("now serving %s for %s", mv.ref, self.ref)
+        self.target, self.refused = target, refused  # after loading: a failed load is retried
+        return switched
 
     def _follow(self) -> None:
         while True:
@@ -154,10 +192,20 @@ class ModelServer:
 def app_builder(args: dict[str, Any]):
     """Serve application builder (`serve run dcml.serving:app_builder model=...`)."""
     parsed = ServeArgs.model_validate(args)
+    if parsed.schema_of is None:  # pinned now: a replica started later keeps these inputs
+        from dcml.storage import Storage
+
+        storage = Storage(parsed.storage_root, parsed.storage_options)
+        parsed.schema_of = resolve_model(storage, parsed.model).ref
+    if token := parsed.auth_token:  # only its digest travels (Serve shows a deployment's args)
+        parsed.auth_token = None
+        parsed.auth_token_sha256 = token_digest(token)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": parsed.num_cpus, "num_gpus": 1 if parsed.use_gpu else 0},
         # room for a full batch of one-record requests in flight
         "max_ongoing_requests": max(64, parsed.max_batch_size),
+        "graceful_shutdown_timeout_s": parsed.drain_s,
+        "graceful_shutdown_wait_loop_s": 0.2,  # how often a stopping replica looks (2 s)
     }
     if parsed.autoscaling:
         options["autoscaling_config"] = parsed.autoscaling.model_dump(exclude_none=True)
@@ -170,8 +218,11 @@ def serve_args(cfg, model_ref: str) -> dict[str, Any]:
     """The application's arguments from a pipeline config."""
     from dcml.storage import Storage
 
+    args = cfg.serve.model_dump()
+    if token := args.pop("auth_token"):  # only its digest travels (Serve shows the arguments)
+        args["auth_token_sha256"] = token_digest(token)
     return {
-        **cfg.serve.model_dump(),
+        **args,
         "model": model_ref,
         "storage_root": Storage.from_config(cfg).uri(),
         "storage_options": cfg.storage.storage_options,

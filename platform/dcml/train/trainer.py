@@ -145,13 +145,13 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     workers = workers or cfg.train.workers
+    rows = dataset.manifest["rows"]["train"]
+    if rows < workers:  # refused before any worker starts: some would have no rows
+        raise ValueError(f"the training split has {rows} row(s) for train.workers={workers}")
     check_resources(cfg, workers)
     datasets = {split: split_dataset(storage, dataset, split) for split in ("train", "validation")}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    rows = dataset.manifest["rows"]["train"]
-    if rows < workers:
-        raise ValueError(f"the training split has {rows} row(s) for train.workers={workers}")
     # A small cached training split goes whole to every worker, which keeps its own slice: Ray
     # Data's streaming split starts a coordinator actor per run (~4 s on 2 cores, for any size).
     # Small: its stored Parquet and its rows as float32 tensors (what a worker reads through).
