@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    cfg = make_config(root, name="bc", train={"epochs": 8, "workers": 2})
+    # one trial: the sweeps are test_tune's; here the sweep's place in the pipeline is tested
+    cfg = make_config(root, name="bc", train={"epochs": 8, "workers": 2}, tune={"num_samples": 1})
     lines: list[str] = []
     result = run_pipeline(cfg, log=lines.append, keep_serving=True)
     yield cfg, result, lines

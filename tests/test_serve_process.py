@@ -58,7 +58,9 @@ def test_dcml_serve_listens_on_loopback_and_a_sigterm_drains_the_requests_in_fli
         "serve.max_batch_size": 10_000,
         "serve.reload_s": 0,
     }
-    env = {**os.environ, "RAY_enable_metrics_collection": "0"}
+    # its own Ray, HAProxy and ports: nothing of the session Ray's that this process may hold
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
+    env["RAY_enable_metrics_collection"] = "0"
     command = [str(BIN / "dcml"), "serve", ref]
     for k, v in settings.items():
         command += ["--set", f"{k}={v}"]

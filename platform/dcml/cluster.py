@@ -66,7 +66,15 @@ def _haproxy_env() -> None:
         os.environ.setdefault(f"RAY_SERVE_HAPROXY_{name}", str(_free_port()))
     if "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and (binary := _haproxy_binary()):
         ports = [os.environ[f"RAY_SERVE_HAPROXY_{n}"] for n in ("STATS_PORT", "METRICS_PORT")]
-        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = loopback_haproxy(state, binary, ports)
+        wrapper = loopback_haproxy(state, binary, ports)
+        if os.access(wrapper, os.X_OK):
+            os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+        else:  # a temporary folder mounted noexec: serving still works, the pages as Serve has them
+            logging.getLogger(__name__).warning(
+                "HAProxy's stats and metrics pages listen on all interfaces: %s does not allow "
+                "running the script that moves them to loopback",
+                state,
+            )
 
 
 def _haproxy_binary() -> str | None:
@@ -140,15 +148,15 @@ def wait_for_stop() -> None:
     handled: it stops the process at once. An ignored SIGINT (a background job) stays ignored."""
     stop = threading.Event()
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    handled = [s for s in defaults if signal.getsignal(s) is not signal.SIG_IGN]
 
     def handle(sig: int, _frame) -> None:
         stop.set()
-        for s, default in defaults.items():
-            signal.signal(s, default)
+        for s in handled:
+            signal.signal(s, defaults[s])
 
-    for sig in defaults:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, handle)
+    for sig in handled:
+        signal.signal(sig, handle)
     while not stop.wait(1):
         pass
 

@@ -99,19 +99,18 @@ class ModelServer:
             return self._switch()
 
     def _switch(self) -> bool:
-        mv = resolve_model(self.storage, self.ref)
+        ref = self.ref  # once: reconfigure may change it meanwhile
+        mv = resolve_model(self.storage, ref)
         target = (mv.name, mv.version)
         if target == self.target:
             return False
         refused = None if same_schema(inputs_of(mv), self.inputs) else mv.ref
         if refused:
-            log.error(
-                "not serving %s for %s: its inputs differ from the served ones", mv.ref, self.ref
-            )
+            log.error("not serving %s for %s: its inputs differ from the served ones", mv.ref, ref)
             mv = next(
                 (
                     c
-                    for c in pointed_at(self.storage, self.ref)
+                    for c in pointed_at(self.storage, ref)
                     if same_schema(inputs_of(c), self.inputs)
                 ),
                 self.pinned,
@@ -122,7 +121,7 @@ class ModelServer:
         )
         if switched:  # one assignment: a batch uses the old or the new, whole
             self.predictor = Predictor.from_storage(self.storage, mv.path, self.device)
-            log.info("now serving %s for %s", mv.ref, self.ref)
+            log.info("now serving %s for %s", mv.ref, ref)
         self.target, self.refused = target, refused  # after loading: a failed load is retried
         return switched
 
