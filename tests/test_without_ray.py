@@ -642,3 +642,18 @@ def test_the_haproxy_wrapper_moves_only_the_stats_and_metrics_pages_to_loopback(
     config.unlink()  # a rewrite that fails stops the start
     failed = subprocess.run([wrapper, "-c", "-f", str(config)], capture_output=True, text=True)
     assert failed.returncode != 0 and "haproxy.cfg" in failed.stderr
+
+    # at exit, an HAProxy (here a stand-in) still running from the state folder is stopped
+    import sys
+
+    from dcml.cluster import _remove_state
+
+    other = subprocess.Popen(["sleep", "60"])
+    left = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"{tmp_path}/x/haproxy.cfg"]
+    )
+    _remove_state(str(tmp_path))
+    assert left.wait(timeout=10) == -15 and not tmp_path.exists()
+    assert other.poll() is None  # not started from the folder: left alone
+    other.kill()
+    other.wait()

@@ -51,7 +51,7 @@ def _haproxy_env() -> None:
     if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in os.environ:
         return
     state = tempfile.mkdtemp(prefix="dcml-haproxy-")
-    atexit.register(shutil.rmtree, state, ignore_errors=True)
+    atexit.register(_remove_state, state)
     for name, path in (
         ("CONFIG_FILE_LOC", "haproxy.cfg"),
         ("SOCKET_PATH", "admin.sock"),
@@ -64,6 +64,11 @@ def _haproxy_env() -> None:
     # on loopback (Serve has no setting for their interface; a wrapper rewrites the two binds).
     for name in ("STATS_PORT", "METRICS_PORT"):
         os.environ.setdefault(f"RAY_SERVE_HAPROXY_{name}", str(_free_port()))
+    # HAProxy's backup backend, Serve's Python proxy, binds fixed ports (8500, 9500) with
+    # SO_REUSEPORT: two servers on one machine would share them, and one's HAProxy could send a
+    # request to the other's model.
+    for name in ("HTTP_PORT", "GRPC_PORT"):
+        os.environ.setdefault(f"RAY_SERVE_FALLBACK_PROXY_{name}", str(_free_port()))
     if "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and (binary := _haproxy_binary()):
         ports = [os.environ[f"RAY_SERVE_HAPROXY_{n}"] for n in ("STATS_PORT", "METRICS_PORT")]
         wrapper = loopback_haproxy(state, binary, ports)
@@ -75,6 +80,20 @@ def _haproxy_env() -> None:
                 "running the script that moves them to loopback",
                 state,
             )
+
+
+def _remove_state(folder: str) -> None:
+    """At exit: stop any HAProxy still running from this folder's config (Serve stops it with
+    Ray; when Ray went down hard, its manager actor died and left it serving its port), then
+    remove the folder."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if folder.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _haproxy_binary() -> str | None:

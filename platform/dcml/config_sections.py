@@ -85,8 +85,8 @@ class GateConfig(_Section):
             rounds = raw.pop("rounds")
             if type(rounds) is not int or rounds < 0:
                 raise ValueError(f"rounds (gone; 0 was repair: none): {rounds!r} is not 0 or more")
-            if rounds == 0:
-                raw["repair"] = "none"
+            if rounds == 0 and raw.setdefault("repair", "none") != "none":
+                raise ValueError(f"rounds: 0 (check only) contradicts repair: {raw['repair']}")
         return raw
 
     min_rows_per_split: int = Field(10, ge=1, description="Fewest rows a split may have.")
