@@ -7,7 +7,8 @@ trains the same MLP in float32 and in bf16 autocast (and fp16 with a grad scaler
 dcml's training step, prints samples/s of each and of a bare PyTorch step, checks that the
 mixed-precision models predict what the float32 one does (within a tolerance), runs dcml's one
 training loop (`fit_local`: what Ray Train workers run) in bf16 with a resume, and runs the
-Predictor (raw columns -> preprocessor -> model) on the same device.
+Predictor (raw columns -> preprocessor -> model) and batch inference's scorer on the same
+device (pinned host batches copied to the GPU), against the CPU's answers.
 """
 
 from __future__ import annotations
@@ -226,6 +227,37 @@ def main() -> None:
     )
     if diff > 1e-4:
         failures.append(f"predictor differs from the model by {diff}")
+
+    # Batch inference's scorer (what `dcml predict` runs per batch, with use_gpu on the device):
+    # Arrow batches of raw rows -> id, label, probability; the same labels as on the CPU.
+    import pyarrow as pa
+
+    from dcml.batch import BatchScorer
+
+    table = pa.table({"id": np.arange(len(xv)), **columns})
+    batches = table.to_batches(65_536)
+    rates, tables = {}, {}
+    for where in dict.fromkeys(["cpu", str(device)]):
+        scorer = BatchScorer(Predictor.from_dir(str(out), device=where), "id")
+        scorer.score(batches[0])  # warm-up
+        sync(torch.device(where))
+        t0 = time.perf_counter()
+        tables[where] = pa.concat_tables([scorer.score(b)[0] for b in batches])
+        rates[where] = len(xv) / (time.perf_counter() - t0)
+    same = np.mean(
+        tables["cpu"].column("label").to_numpy() == tables[str(device)].column("label").to_numpy()
+    )
+    gap = np.abs(
+        tables["cpu"].column("probability").to_numpy()
+        - tables[str(device)].column("probability").to_numpy()
+    ).max()
+    print(
+        f"batch scorer on {device}     {rates[str(device)]:>12,.0f} rows/s "
+        f"({rates[str(device)] / rates['cpu']:.2f}x the CPU's); max |p - p_cpu| {gap:.2e}, "
+        f"{same:.2%} same labels"
+    )
+    if gap > 1e-4:
+        failures.append(f"batch scores on {device} differ from the CPU's by {gap}")
     if failures:
         print("FAILED: " + "; ".join(failures))
         sys.exit(1)

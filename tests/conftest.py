@@ -255,7 +255,12 @@ def tiny_categorical_model(folder: Path) -> dict:
     }
     model = build_model(spec)
     save_checkpoint(str(folder), model, make_optimizer(model, "adam", 1e-3, 0), 0, {})
-    return {"preprocessor": pre.to_json(), "model_spec": spec, "classes": ["no", "yes"]}
+    return {
+        "preprocessor": pre.to_json(),
+        "model_spec": spec,
+        "classes": ["no", "yes"],
+        "config": {"data": {"id_column": "id"}},  # what batch prediction reads
+    }
 
 
 # ---- data on disk ----

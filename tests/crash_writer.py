@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dcml import registry
-from dcml.batch import _PredictBatch, commit_predictions
+from dcml.batch import predict_batch
 from dcml.config import PipelineConfig, parse_config
 from dcml.data.catalog import dataset_folder
 from dcml.data.clean import ReadAndClean, keep_rows
@@ -128,7 +128,7 @@ def write_dataset_version(
 
 
 def input_batches(n: int, rows: int) -> list[pa.Table]:
-    """Raw records for the tiny categorical model (x, color) with ids, as n Ray Data batches."""
+    """Raw records for the tiny categorical model (x, color) with ids: n files' worth."""
     rng = np.random.default_rng(0)
     return [
         pa.table(
@@ -142,23 +142,16 @@ def input_batches(n: int, rows: int) -> list[pa.Table]:
     ]
 
 
-def write_predictions(
-    storage: Storage, model_path: str, model_ref: str, out: Storage, batches: list[pa.Table]
-) -> dict[str, Any]:
-    """`dcml.batch.predict_batch` without Ray Data: the same `_PredictBatch` (constructed once
-    per output, as each of its actors is; called once per batch), then the same `Commit`."""
-    commit = Commit(out, out.root)
-    try:
-        actor = _PredictBatch(storage, model_path, "id", out, commit.base)
-        entries = [e for b in batches for e in actor(b)["entry"]]
-        meta = {"kind": "predictions", "model": model_ref, "input": "crash-test"}
-        return commit_predictions(commit, entries, meta)
-    except FileExistsError as e:
-        commit.abort()
-        raise FileExistsError(f"output {out.uri()} exists") from e
-    except BaseException:
-        commit.abort()
-        raise
+def write_predictions(storage: Storage, model_ref: str, input_uri: str, output_uri: str) -> dict:
+    """`dcml predict MODEL -i INPUT -o OUTPUT` where no cluster runs: `predict_batch` with the
+    local engine (threads in this process), its files and its `Commit`."""
+    cfg = parse_config(
+        {
+            "storage": {"root": storage.uri(), "storage_options": storage.options},
+            "predict": {"engine": "local"},
+        }
+    )
+    return predict_batch(cfg, model_ref, input_uri, output_uri)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -217,24 +210,15 @@ def _preprocess(cmd: dict, mark) -> None:
 
 
 def _predict(cmd: dict, mark) -> None:
-    options = _with_session(cmd["options"])
-    storage = Storage(cmd["root"], options)
-    batches = input_batches(cmd["batches"], cmd["rows"])
+    storage = Storage(cmd["root"], _with_session(cmd["options"]))
     warm = f"{cmd['warmup']}/preds/{os.getpid()}"
     took = _warm_up(
-        lambda n: write_predictions(
-            storage,
-            cmd["model_path"],
-            cmd["model_ref"],
-            Storage(f"{warm}.{n}", options),
-            batches,
-        )
+        lambda n: write_predictions(storage, cmd["model_ref"], cmd["input"], f"{warm}.{n}")
     )
     mark(f"R {took:.6f}")
     for i, uri in enumerate(cmd["outputs"]):
         mark(f"B {i} {uri}")
-        out = Storage(uri, options)
-        write_predictions(storage, cmd["model_path"], cmd["model_ref"], out, batches)
+        write_predictions(storage, cmd["model_ref"], cmd["input"], uri)
         mark(f"E {i} {uri}")
 
 

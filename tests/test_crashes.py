@@ -366,6 +366,8 @@ def failing(tmp_path):
     model = registry.register(storage, "scorer", storage.path("checkpoints", "tiny"), meta)
     for i, t in enumerate(raw_tables()):
         storage.write_bytes(storage.path("raw-in", f"part-{i}.parquet"), parquet_bytes(t))
+    for i, t in enumerate(input_batches(3, 4)):
+        storage.write_bytes(storage.path("pred-in", f"part-{i}.parquet"), parquet_bytes(t))
     cfg = parse_config(
         {
             "storage": {"root": storage.uri()},
@@ -397,8 +399,9 @@ def thing_writers(storage: Storage, meta: dict, model, cfg) -> dict:
         write_dataset_version(cfg.model_copy(update={"seed": n}), storage, raw, f"v{n:03d}", pre)
 
     def predictions(n: int, rerun: bool) -> None:
-        out = Storage(storage.uri("preds", f"{n:03d}"))
-        write_predictions(storage, model.path, model.ref, out, input_batches(3, 4))
+        write_predictions(
+            storage, model.ref, storage.uri("pred-in"), storage.uri("preds", f"{n:03d}")
+        )
 
     def bundled(n: int, rerun: bool) -> None:
         collect_bundled(Storage(storage.uri("bundled", f"{n:03d}")), "breast_cancer", 1)
@@ -430,7 +433,7 @@ def output_uris(storage: Storage) -> list[str]:
 
 def test_a_storage_failing_on_each_write_leaves_nothing_partial(failing):
     """For each thing (a registration and a forced promotion of it; a dataset version through
-    `ShardTask` and `Commit`; predictions through `_PredictBatch` and `Commit`; `collect_bundled`
+    `ShardTask` and `Commit`; predictions through `predict_batch`; `collect_bundled`
     with 1 shard) and each k from 1 to the number of writes it makes, the k-th write fails
     before it begins, or (a streamed write) after half its bytes: the writer raises that error,
     nothing partial is listed or loadable, and a rerun commits."""
@@ -571,7 +574,7 @@ class S3Server:
                     time.sleep(0.1)
             options = {"key": "testing", "secret": "testing", "endpoint_url": url}
             fs = Storage(f"s3://{BUCKET}", options).fs
-            for bucket in (BUCKET, f"{BUCKET}-raw", f"{BUCKET}-warm"):
+            for bucket in (BUCKET, f"{BUCKET}-raw", f"{BUCKET}-warm", f"{BUCKET}-pred"):
                 fs.mkdir(bucket)
             self._options = options
         return self._options
@@ -668,8 +671,8 @@ def test_writers_killed_at_random_points_leave_nothing_partial(backend, servers,
     - preprocess (10 and 5 kills): the write half of `preprocess` without Ray (the same
       `ReadAndClean`, `keep_rows`, `ShardTask` per raw file and `Commit` of the version's
       manifest) into dataset versions datasets/crash/<12 hex digits> for seeds 1, 2, ...;
-    - predict (10 and 5 kills): what `predict_batch` does without Ray Data (the same
-      `_PredictBatch`, one call per batch of 4 rows, then the `Commit`) into outputs
+    - predict (10 and 5 kills): `predict_batch` with the local engine (threads, one output file
+      per input file of 4 rows, then the `Commit`) into outputs
       preds/000, preds/001, ....
 
     Each is killed by a process of its own at a random moment after it is ready (random.Random
@@ -686,15 +689,21 @@ def test_writers_killed_at_random_points_leave_nothing_partial(backend, servers,
     raw_local.mkdir()
     for i, t in enumerate(raw_tables()):
         (raw_local / f"part-{i}.parquet").write_bytes(parquet_bytes(t))
+    pred_local = tmp_path / "pred-in"  # what the predict writers score
+    pred_local.mkdir()
+    for i, t in enumerate(input_batches(3, 4)):
+        (pred_local / f"part-{i}.parquet").write_bytes(parquet_bytes(t))
     if backend == "s3":
         options = servers[1].options()
         root, raw_uri, warmup = f"s3://{BUCKET}/store", f"s3://{BUCKET}-raw", f"s3://{BUCKET}-warm"
-        up = Storage(raw_uri, options)  # buckets apart: moto lists one by going through all keys
-        for f in sorted(raw_local.iterdir()):
-            up.fs.pipe_file(up.path(f.name), f.read_bytes())
+        pred_uri = f"s3://{BUCKET}-pred"
+        for local, uri in ((raw_local, raw_uri), (pred_local, pred_uri)):
+            up = Storage(uri, options)  # buckets apart: moto lists one by going through all keys
+            for f in sorted(local.iterdir()):
+                up.fs.pipe_file(up.path(f.name), f.read_bytes())
     else:
         options, root, raw_uri = {}, str(tmp_path / "store"), str(raw_local)
-        warmup = str(tmp_path / "warm")
+        warmup, pred_uri = str(tmp_path / "warm"), str(pred_local)
     storage = Storage(root, options)
 
     register_tiny_model(storage, tmp_path / "tiny")  # cat@1, and its checkpoint in storage
@@ -742,11 +751,9 @@ def test_writers_killed_at_random_points_leave_nothing_partial(backend, servers,
             {
                 "kind": "predict",
                 **common,
-                "model_path": scorer.path,
                 "model_ref": scorer.ref,
+                "input": pred_uri,
                 "outputs": outputs[next_output:],
-                "batches": 3,
-                "rows": 4,
             },
         ]
         registering = []
@@ -796,9 +803,7 @@ def test_writers_killed_at_random_points_leave_nothing_partial(backend, servers,
     output = outputs[next_output]
     cfg = parse_config({**raw_cfg, "seed": dataset_seed})
     write_dataset_version(cfg, storage, RawInput(cfg, storage), dataset_version, pre)
-    write_predictions(
-        storage, scorer.path, scorer.ref, Storage(output, options), input_batches(3, 4)
-    )
+    write_predictions(storage, scorer.ref, pred_uri, output)
     mv = register_one(storage, "cat", checkpoint, meta, "final")
     assert registry.resolve_model(storage, "cat@latest").version == mv.version
     assert find_version(storage, DATASET, dataset_version) is not None

@@ -61,6 +61,16 @@ def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
     )
     assert right > 0.8
 
+    # batch prediction: the label, its probability and one column per class
+    out = scored(cfg, mv, tmp_path)
+    classes = [f"probability_{c}" for c in dv.manifest["classes"]]
+    assert out.column_names == ["id", "label", "probability", *classes, "model_version"]
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    for r, a in zip(rows, answers):
+        got = by_id[r["id"]]
+        assert got["label"] == a["label"]
+        assert [got[c] for c in classes] == pytest.approx(list(a["probabilities"].values()))
+
 
 def test_regression_trains_and_predicts_values(tmp_path):
     write_shards(tmp_path / "raw", table(seed=1), 2)
@@ -90,3 +100,19 @@ def test_regression_trains_and_predicts_values(tmp_path):
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
     err = np.array([a["value"] for a in answers]) - np.array([r["label"] for r in rows])
     assert np.sqrt((err**2).mean()) < 0.5
+    out = scored(cfg, mv, tmp_path)
+    assert out.column_names == ["id", "value", "model_version"]
+    by_id = dict(zip(out.column("id").to_pylist(), out.column("value").to_pylist()))
+    assert [by_id[r["id"]] for r in rows] == pytest.approx([a["value"] for a in answers])
+
+
+def scored(cfg, mv, tmp_path) -> pa.Table:
+    """`dcml predict` (the local engine) over the raw shards: the predictions table."""
+    import pyarrow.parquet as pq
+
+    from dcml.batch import predict_batch
+
+    cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"engine": "local"})})
+    manifest = predict_batch(cfg, mv.ref, str(tmp_path / "raw"), str(tmp_path / "scored"))
+    assert manifest["rows"] == 1500 and manifest["rows_rejected"] == 0
+    return pq.read_table(tmp_path / "scored")

@@ -120,8 +120,15 @@ def test_stage_verbs_run_alone_against_storage(pipeline, tmp_path, capsys):
     out = tmp_path / "predictions"
     raw = f"{cfg.storage.root}/raw/breast_cancer"
     assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 0
+    assert "with Ray Data" in capsys.readouterr().out  # auto: this process has a Ray
     table = pq.read_table(out)
-    assert table.num_rows == 569 and set(table.column_names) >= {"id", "probability", "label"}
+    assert table.num_rows == 569
+    assert table.column_names == ["id", "label", "probability", "model_version"]
+    # the local engine (threads, no Ray) writes the same table, value for value
+    local = ["--output", str(tmp_path / "local"), "--set", "predict.engine=local"]
+    assert main(["predict", "bc@production", "--input", raw, *local, *at]) == 0
+    assert "local threads" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "local").equals(table)
     # nothing stored is overwritten, and no other folder is written into
     assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 1
     assert "exists" in capsys.readouterr().err

@@ -313,7 +313,7 @@ def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_
     field, batch inference writes the row to its rejects with the reason, and no answer holds a
     NaN or a label made up from one."""
     from dcml import registry
-    from dcml.batch import _PredictBatch
+    from dcml.batch import BatchScorer
     from dcml.storage import Storage
 
     from .conftest import register_tiny_model
@@ -333,10 +333,9 @@ def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_
     storage = Storage(str(tmp_path / "store"))
     ref = register_tiny_model(storage, tmp_path / "tiny", fill={"x": None})
     mv = registry.resolve_model(storage, ref)
-    out = Storage(str(tmp_path / "out"))
-    actor = _PredictBatch(storage, mv.path, "id", out, "tx")
+    actor = BatchScorer(Predictor.from_storage(storage, mv.path), "id")
     batch = pa.table({"id": [1, 2, 3, 4], "x": [1.0, 1e39, None, -np.inf], "color": ["red"] * 4})
-    scored, rejected = actor.predict(batch)
+    scored, rejected = actor.score(batch)
     assert scored.column("id").to_pylist() == [1]
     assert np.isfinite(scored.column("probability").to_numpy()).all()
     assert rejected.to_pylist() == [
@@ -348,18 +347,120 @@ def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_
         },
         {"id": 4, "field": "x", "reason": "not a finite number"},
     ]
-    assert actor.predict(batch.slice(1, 1))[0].num_rows == 0  # all rejected: nothing scored
+    assert actor.score(batch.slice(1, 1))[0].num_rows == 0  # all rejected: nothing scored
     # an unseen category: the unknown bucket, or with `serve.unknown_categories: reject` (what
     # Serve answers with a 422) a reject row; a missing one is still the unknown bucket
     colors = pa.table({"id": [5, 6, 7], "x": [1.0] * 3, "color": ["red", "mauve", None]})
-    assert actor.predict(colors)[0].column("id").to_pylist() == [5, 6, 7]
-    strict = _PredictBatch(storage, mv.path, "id", out, "tx", unknown_categories="reject")
-    scored, rejected = strict.predict(colors)
+    assert actor.score(colors)[0].column("id").to_pylist() == [5, 6, 7]
+    strict = BatchScorer(
+        Predictor.from_storage(storage, mv.path), "id", unknown_categories="reject"
+    )
+    scored, rejected = strict.score(colors)
     assert scored.column("id").to_pylist() == [5, 7]
     assert rejected.to_pylist() == [
         {"id": 6, "field": "color", "reason": "not a category seen in training: 'blue', 'red'"}
     ]
-    assert actor.predict(batch.slice(0, 0))[0].num_rows == 0  # no rows at all
+    assert actor.score(batch.slice(0, 0))[0].num_rows == 0  # no rows at all
+
+
+def test_predict_without_ray_writes_ids_predictions_and_passthrough_in_input_order(tmp_path):
+    """`dcml predict` with the local engine (no Ray): the output holds the id, the label and
+    probability the Predictor answers, the model version and the passthrough columns, one file
+    per input part in input order; rows that cannot be scored (a missing value whose rows
+    training dropped, an infinite one, no id) are in _rejects/ with the reason. Splitting a file
+    by its row groups, more threads and smaller batches change nothing; a CSV copy scores the
+    same. A missing column names the file, a passthrough that would replace an output is refused."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from dcml import registry
+    from dcml.batch import described, engine_for, predict_batch
+    from dcml.data.errors import DataError
+    from dcml.storage import Storage
+
+    from .conftest import register_tiny_model
+
+    storage = Storage(str(tmp_path / "store"))
+    ref = register_tiny_model(storage, tmp_path / "tiny", fill={"x": None})
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=30)
+    x[[4, 21]] = [np.nan, np.inf]
+    rows = pa.table(
+        {
+            "id": pa.array([*range(17), None, *range(18, 30)], pa.int64()),
+            "x": pa.array(x, from_pandas=True),  # NaN -> null: missing
+            "color": rng.choice(["red", "blue", "green"], 30).tolist(),
+            "segment": [f"s{i % 3}" for i in range(30)],
+        }
+    )
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pq.write_table(rows.slice(0, 20), inputs / "a.parquet", row_group_size=4)  # 5 row groups
+    pq.write_table(rows.slice(20), inputs / "b.parquet")
+
+    def predict(out: str, source=inputs, **fields) -> dict:
+        cfg = parse_config(
+            {
+                "storage": {"root": str(tmp_path / "store")},
+                "predict": {"engine": "local", "passthrough": ["segment"], **fields},
+            }
+        )
+        return predict_batch(cfg, "cat@latest", str(source), str(tmp_path / out))
+
+    # 4 threads, 2 files: a.parquet in two parts (row groups 0-2 and 3-4), b.parquet whole
+    manifest = predict("out", threads=4, batch_size=3)
+    assert manifest["engine"] == "local" and manifest["threads"] == 3
+    assert (manifest["rows"], manifest["rows_rejected"]) == (27, 3)
+    parts = [f"part-0000{n}.parquet" for n in range(3)]
+    assert sorted(f["path"].split("/", 1)[1] for f in manifest["files"]) == sorted(
+        parts + [f"_rejects/{p}" for p in parts]  # rejects: ids 4; none; 21
+    )
+    out = pq.read_table(tmp_path / "out")  # `_rejects/` and `_manifest.json` are skipped
+    assert out.column_names == ["id", "label", "probability", "model_version", "segment"]
+    scored = rows.filter(pa.array([i not in (4, 17, 21) for i in range(30)]))
+    assert out.column("id").to_pylist() == scored.column("id").to_pylist()  # input order
+    assert out.column("segment").equals(scored.column("segment"))
+    mv = registry.resolve_model(storage, ref)
+    answers = Predictor.from_storage(storage, mv.path).predict_records(scored.to_pylist())
+    assert out.column("label").to_pylist() == [a["label"] for a in answers]
+    assert out.column("probability").to_pylist() == pytest.approx(
+        [a["probability"] for a in answers], abs=1e-7
+    )
+    assert set(out.column("model_version").to_pylist()) == {ref}
+    rejects = pq.read_table(tmp_path / "out" / manifest["prefix"] / "_rejects").to_pylist()
+    assert sorted(rejects, key=lambda r: str(r["id"])) == [
+        {"id": 21, "field": "x", "reason": "not a finite number"},
+        {
+            "id": 4,
+            "field": "x",
+            "reason": "missing, and rows missing it were dropped in training: send a number",
+        },
+        {"id": None, "field": "id", "reason": "no id: cannot be joined"},
+    ]
+    assert "27 predictions" in described(manifest, "out") and "3 rows could not" in described(
+        manifest, "out"
+    )
+
+    # one thread, whole files, big batches: the same table, value for value
+    assert predict("one", threads=1, batch_size=65_536)["threads"] == 1
+    assert pq.read_table(tmp_path / "one").equals(out)
+    # the same rows as CSV
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    pacsv.write_csv(rows, csv / "rows.csv")
+    predict("from-csv", csv)
+    from_csv = pq.read_table(tmp_path / "from-csv")
+    assert from_csv.column("label").equals(out.column("label"))
+    assert from_csv.column("probability").equals(out.column("probability"))
+
+    pq.write_table(rows.drop_columns(["color"]), inputs / "c.parquet")
+    with pytest.raises(DataError, match=r"c\.parquet: no column 'color'"):
+        predict("bad")
+    with pytest.raises(ValueError, match="predict.passthrough: label would replace"):
+        predict("clash", passthrough=["label"])
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("*.parquet"))
+    # auto: Ray Data where a cluster is named
+    assert engine_for(parse_config({"cluster": {"address": "auto"}})) == "ray"
 
 
 def test_a_near_constant_column_is_not_scaled_by_its_float_noise():
@@ -645,6 +746,8 @@ def test_the_haproxy_wrapper_moves_only_the_stats_and_metrics_pages_to_loopback(
 
     # at exit, an HAProxy (here a stand-in) still running from the state folder is stopped
     import sys
+    import time
+    from pathlib import Path
 
     from dcml.cluster import _remove_state
 
@@ -652,6 +755,11 @@ def test_the_haproxy_wrapper_moves_only_the_stats_and_metrics_pages_to_loopback(
     left = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", f"{tmp_path}/x/haproxy.cfg"]
     )
+    cmdline = Path(f"/proc/{left.pid}/cmdline")
+    for _ in range(200):  # until it has exec'd: before that its command line is this process's
+        if str(tmp_path).encode() in cmdline.read_bytes():
+            break
+        time.sleep(0.05)
     _remove_state(str(tmp_path))
     assert left.wait(timeout=10) == -15 and not tmp_path.exists()
     assert other.poll() is None  # not started from the folder: left alone

@@ -150,11 +150,12 @@ def predict(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
 ):
-    """Batch inference over Ray Data; writes id + predictions as Parquet."""
+    """Batch inference: id, prediction and model version (+ predict.passthrough columns) as
+    Parquet; threads in this process, or Ray Data on a cluster (predict.engine)."""
     from dcml.batch import described, predict_batch
 
     cfg = _config(config, set_)
-    typer.echo(described(predict_batch(cfg, model, input, output), output))
+    typer.echo(described(predict_batch(cfg, model, input, output, _log), output))
     _shutdown()
 
 

@@ -194,9 +194,11 @@ def shutdown(app: str | None = None) -> None:
     and a joined cluster keeps running, Serve applications included.
     """
     global _owned
+    if _owned is None:  # before importing Ray: a command that never used it does not load it
+        return
     import ray
 
-    if _owned is None or not ray.is_initialized():
+    if not ray.is_initialized():
         return
     try:
         if _owned == "local":

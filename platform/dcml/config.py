@@ -21,6 +21,7 @@ from dcml.config_sections import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    PredictConfig,
     StorageConfig,
     TrainConfig,
     TuneConfig,
@@ -42,6 +43,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
 
     @model_validator(mode="after")
     def _resolve_auto(self) -> PipelineConfig:

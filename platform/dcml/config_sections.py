@@ -388,3 +388,26 @@ class TuneConfig(_Section):
             if self.searcher == "optuna" and kind == "grid":
                 raise ValueError(f"space.{path}: searcher optuna cannot take grid; use choice")
         return self
+
+
+class PredictConfig(_Section):
+    """`dcml predict`: batch inference over stored raw data."""
+
+    passthrough: list[str] = Field(
+        default_factory=list,
+        description="Input columns copied to the output beside the id and the prediction.",
+    )
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="'local': threads in the dcml process (no Ray); 'ray': Ray Data on the "
+        "cluster. 'auto': local where dcml would start a Ray of its own just for this "
+        "(no cluster.address, no RAY_ADDRESS), else ray.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Threads of the local engine; None: cluster.num_cpus, else cores."
+    )
+    batch_size: int = Field(65_536, ge=1, description="Rows per model call.")
+    use_gpu: bool | None = Field(
+        None,
+        description="Score on a GPU (each Ray Data task takes one); None: as train.use_gpu.",
+    )

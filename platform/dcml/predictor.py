@@ -28,6 +28,8 @@ class Predictor:
         )
         self.threshold: float = meta.get("threshold", 0.5)
         self.device = torch.device(device)
+        # rows per forward pass: a GPU takes larger ones (its activations stay on the device)
+        self.chunk_rows = 65_536 if self.device.type == "cuda" else 8192
         self.model = build_model(meta["model_spec"])
         self.model.load_state_dict(load_safetensors(weights))  # safetensors: no pickle
         self.model.to(self.device).eval()
@@ -69,10 +71,12 @@ class Predictor:
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         """Already-transformed features -> P(positive) (binary), class probabilities (rows,
-        classes; multiclass) or values (regression)."""
-        return predict(
-            self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device), self.task
-        )
+        classes; multiclass) or values (regression). On a GPU the batch is copied from pinned
+        host memory (a DMA transfer, without a staging copy of its own)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return predict(self.model, t, self.task, self.chunk_rows)
 
     def predict_columns(self, columns: Mapping[str, Any]) -> np.ndarray:
         """Raw feature columns by name -> model outputs, with the training preprocessor."""
@@ -113,13 +117,17 @@ class Predictor:
             problems.setdefault(row, {"field": None, "msg": "the model's output is not finite"})
         return out, problems
 
+    def class_indices(self, out: np.ndarray) -> np.ndarray:
+        """Model outputs -> each row's class, as an index into `classes`."""
+        if self.task == "multiclass":
+            return np.argmax(out, axis=1)
+        return (out >= self.threshold).astype(np.int64)
+
     def labels(self, out: np.ndarray) -> list[Any]:
         """Model outputs -> class labels as the data spelled them (values for regression)."""
         if self.task == "regression":
-            return [float(v) for v in out]
-        if self.task == "multiclass":
-            return [self.classes[int(k)] for k in np.argmax(out, axis=1)]
-        return [self.classes[int(p >= self.threshold)] for p in out]
+            return out.astype(np.float64).tolist()
+        return np.asarray(self.classes, dtype=object)[self.class_indices(out)].tolist()
 
     def answer(
         self, out: np.ndarray, problems: Mapping[int, dict[str, Any]] | None = None

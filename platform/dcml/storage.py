@@ -319,10 +319,13 @@ def lists_files(manifest: dict[str, Any]) -> bool:
 
 def require_new_output(storage: Storage, folder: str, uri: str) -> None:
     """Refuse an output folder that holds a committed thing or anything but writers' leftovers
-    (`tx-*` prefixes of a crashed earlier write, which the rerun's commit removes)."""
+    (`tx-*` prefixes of a crashed earlier write, which the rerun's commit removes, and a
+    manifest's temporary file that a crash left half written)."""
     if read_manifest(storage, folder) is not None:
         raise FileExistsError(f"{uri} exists; stored data is never overwritten")
-    foreign = [e for e in storage.ls(folder) if not e.startswith(TX_PREFIX)]
+    foreign = [
+        e for e in storage.ls(folder) if not e.startswith((TX_PREFIX, f"{MANIFEST}{LOCAL_TMP}"))
+    ]
     if foreign:
         raise FileExistsError(
             f"{uri} holds other files ({', '.join(foreign[:3])}); write to a new folder"

@@ -90,10 +90,12 @@ class Preprocessor:
         out = np.zeros((n, len(self.output_features)), dtype=np.float32)
         if self.numeric:
             fill, low, high, center, scale = self._numeric_state
-            v = numeric
-            v = np.clip(np.where(np.isnan(v), fill, v), low, high)
+            v = np.where(np.isnan(numeric), fill, numeric)  # a new array: `numeric` stays as given
+            # clip, scale in place (np.clip's NaN handling costs 2x; a NaN stays NaN either way)
+            np.minimum(np.maximum(v, low, out=v), high, out=v)
+            np.divide(np.subtract(v, center, out=v), scale, out=v)
             with np.errstate(over="ignore"):  # beyond float32 becomes inf: the Predictor refuses it
-                out[:, : len(self.numeric)] = (v - center) / scale
+                out[:, : len(self.numeric)] = v
         j = len(self.numeric)
         for name in self.categorical:
             cats = self.categories[name]
