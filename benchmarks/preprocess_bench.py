@@ -42,7 +42,7 @@ def baseline(raw: str, out: str, seed: int = 0) -> dict:
     from dcml.data.split import SPLITS, assign_splits, combine, hash64, hash_text, unit_interval
 
     t0 = time.perf_counter()
-    files = sorted(Path(raw).glob("*.parquet"))
+    files = sorted(Path(raw).rglob("*.parquet"))  # synth commits them under a tx-* folder
     table = pa.concat_tables([pq.read_table(f) for f in files])
     n_raw = table.num_rows
     numeric = [c for c in table.column_names if c.startswith("num_")]

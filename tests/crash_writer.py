@@ -88,10 +88,7 @@ def write_dataset_version(
     clean = ReadAndClean(
         raw.fs, raw.files, raw.fmt, cols, cfg.seed, d.split, d.dedupe, d.invalid_labels
     )
-    blocks = [
-        clean({"file": np.array([i]), "data": np.array([data], dtype=object)})
-        for i, data in enumerate(raw.data)
-    ]
+    blocks = [clean.read(i, data) for i, data in enumerate(raw.data)]
     keep = keep_rows(np.empty(0, dtype=np.int64), classes, cols.task)
     features = pre.output_features
     spec = GateSpec(features, cols.task, len(classes), raw.files, d.gate)

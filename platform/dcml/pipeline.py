@@ -224,7 +224,7 @@ def raw_test_rows(
     keys = [class_key(c) for c in m["classes"] or []]
     parts, n = [], 0
     for i in range(len(m["source_files"])):
-        t = clean({"file": np.array([i])})
+        t = clean.read(i)
         t = t.filter(pc.and_(pc.equal(t.column("_split"), 2), pc.equal(t.column("_drop"), 0)))
         label = (
             pc.index_in(t.column("_label"), value_set=pa.array(keys, pa.string()))

@@ -86,9 +86,8 @@ class ReadAndClean:
         self.dedupe, self.invalid_labels = dedupe, invalid_labels
         self.class_keys = None if cols.classes is None else [class_key(c) for c in cols.classes]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        index = int(batch["file"][0])
-        data = batch["data"][0] if "data" in batch else None  # bytes shipped by the driver
+    def read(self, index: int, data: bytes | None = None) -> pa.Table:
+        """File `index` (or `data`, its bytes shipped by the driver), read and cleaned."""
         return self.clean(read_file(self.fs, self.files[index], self.fmt, data), index)
 
     def clean(self, table: pa.Table, index: int) -> pa.Table:
