@@ -20,8 +20,16 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
+# The quick version of every benchmark (under 10 minutes on 2 cores); docs/benchmarks.md has the
+# full commands and their results.
 bench: setup
-	$(BIN)/python benchmarks/preprocess_bench.py --sizes 500000:8,2000000:16,5000000:32,5000000:64
+	$(BIN)/python benchmarks/preprocess_bench.py --sizes 2000000:16
+	$(BIN)/python benchmarks/batch_bench.py --sizes 2000000:8
+	$(BIN)/python benchmarks/predictor_bench.py --repeat 500
+	$(BIN)/python benchmarks/serve_bench.py --requests 200 --rounds 1
+	$(BIN)/python benchmarks/train_bench.py --rows 50000 --epochs 2 --skip-quality
+	$(BIN)/python benchmarks/tune_bench.py --overhead --rows 20000
+	$(BIN)/python benchmarks/gpu_check.py --device cpu --rows 20000 --epochs 1
 
 lint: setup
 	$(BIN)/ruff check platform jobs serve_apps tests benchmarks

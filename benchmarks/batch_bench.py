@@ -226,7 +226,7 @@ def main() -> None:
             env=env,
         )
     base = pq.read_table(work / "base")
-    model_dir = next((work / "store" / "models" / "batchbench").glob("[0-9]*"))
+    model_dir = work / "store" / "models" / "batchbench" / "1"
 
     head, address = start_cluster(work, env) if args.cluster else (None, None)
     try:

@@ -1,7 +1,6 @@
-"""Serving: the dcml Serve app against a plain FastAPI + uvicorn app, and batch inference against a
-plain PyTorch script, in the same run.
+"""Serving: the dcml Serve app against a plain FastAPI + uvicorn app, in the same run.
 
-    python benchmarks/serve_bench.py [--requests 400] [--rounds 3] [--rows 1000000]
+    python benchmarks/serve_bench.py [--requests 400] [--rounds 3]
 
 Both HTTP servers wrap the same registered model version (breast-cancer data, an MLP trained for a
 few epochs) through the same `Predictor`:
@@ -19,8 +18,7 @@ starts its workers, the replica among them, at nice 15 (`RAY_worker_niceness`), 
 generator (nice 0) takes the CPU before them; the plain server is started at the replica's niceness
 so that both servers get the same share of the cores.
 
-Batch inference: `dcml predict` (Ray Data `map_batches` with an actor) against a plain script that
-reads the same Parquet with pyarrow and runs the Predictor over it in chunks; rows/s of each.
+Batch inference has its own benchmark: benchmarks/batch_bench.py.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "platform"))
@@ -118,19 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=400, help="per cell (0: skip HTTP)")
     ap.add_argument("--rounds", type=int, default=3, help="turns per cell (median requests/s)")
-    ap.add_argument("--rows", type=int, default=1_000_000, help="batch inference rows (0: skip)")
     ap.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_s")
     ap.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy")
     args = ap.parse_args()
 
     import socket
 
-    from dcml.batch import predict_batch
     from dcml.cluster import connect
     from dcml.config import parse_config
     from dcml.data.preprocess import preprocess
     from dcml.pipeline import raw_test_rows, stage_register, stage_train
-    from dcml.predictor import Predictor
     from dcml.serving import deploy
 
     def free_port() -> int:
@@ -210,32 +203,6 @@ def main() -> None:
         finally:
             plain.terminate()
             plain.wait()
-
-    if not args.rows:
-        return
-    # batch inference: the same rows tiled to --rows, as raw Parquet shards
-    big = pa.concat_tables([table] * (args.rows // table.num_rows + 1)).slice(0, args.rows)
-    big = big.set_column(big.schema.get_field_index("id"), "id", pa.array(np.arange(args.rows)))
-    (tmp / "raw").mkdir()
-    for i, part in enumerate(np.array_split(np.arange(args.rows), 8)):
-        pq.write_table(big.take(part), tmp / "raw" / f"part-{i}.parquet")
-    t0 = time.perf_counter()
-    n = predict_batch(cfg, "bc@production", str(tmp / "raw"), str(tmp / "out"))["rows"]
-    ours = n / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    predictor = Predictor.from_dir(mv.path)
-    done = 0
-    for f in sorted((tmp / "raw").glob("*.parquet")):
-        t = pq.read_table(f)
-        for start in range(0, t.num_rows, 4096):
-            chunk = t.slice(start, 4096)
-            out = predictor.predict_columns({c: chunk.column(c) for c in inputs})
-            done += len(out)
-    plain_rate = done / (time.perf_counter() - t0)
-    print(
-        f"batch inference of {args.rows:,} rows: dcml predict {ours:,.0f} rows/s (with Ray Data "
-        f"start-up), plain PyTorch {plain_rate:,.0f} rows/s: {ours / plain_rate:.2f}x"
-    )
 
 
 if __name__ == "__main__":

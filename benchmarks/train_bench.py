@@ -1,6 +1,7 @@
 """Training throughput: `dcml train` on Ray Train against a plain PyTorch loop, in the same run.
 
     python benchmarks/train_bench.py [--rows 200000] [--epochs 4] [--batch 256] [--threads 1]
+    python benchmarks/train_bench.py --ddp 256:256,1024:1024 [--rows 100000] [--epochs 2]
 
 All runs train the same MLP (from dcml's model spec) with AdamW and BCE-with-logits on the same
 preprocessed training split, with the same batch size and intra-op threads per process:
@@ -120,6 +121,13 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument(
+        "--ddp",
+        default=None,
+        metavar="WIDTH:BATCH,...",
+        help="instead: for each model width and batch, 1 worker (1 and 2 threads) against 2 DDP "
+        "workers of 1 thread, shards cached (e.g. 256:256,1024:1024)",
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "platform"))
 
@@ -162,6 +170,9 @@ def main() -> None:
         f"{args.threads} thread(s) per process; ray.init {ray_start:.1f} s"
     )
 
+    if args.ddp:
+        ddp_crossover(raw, dataset, args.ddp)
+        return
     torch.set_num_threads(args.threads)
     _, x, y = read_split_numpy(Storage.from_config(cfg), dataset, "train")
     plain = plain_pytorch(x, y, spec, args.epochs, args.batch, 1e-3)
@@ -191,6 +202,38 @@ def main() -> None:
         print(
             f"breast cancer, test ROC AUC: dcml {ours:.4f}; "
             f"scikit-learn LogisticRegression {logistic:.4f} (same split)"
+        )
+
+
+def ddp_crossover(raw: dict, dataset, grid: str) -> None:
+    """Where 2 DDP workers pay on this machine: rows/s of the steps for 1 worker with 1 and with
+    2 intra-op threads, and 2 workers of 1 thread (gloo all-reduce of the gradients per step)."""
+    from dcml.config import parse_config
+
+    print(
+        "| width | batch | 1 worker, 1 thread | 1 worker, 2 threads | 2 DDP workers "
+        "| DDP vs 1x1 | DDP vs 1x2 |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for cell in grid.split(","):
+        width, batch = (int(v) for v in cell.split(":"))
+        rates = []
+        for workers, threads in ((1, 1), (1, 2), (2, 1)):
+            train = {
+                **raw["train"],
+                "workers": workers,
+                "cpus_per_worker": threads,
+                "batch_size": batch,
+                "cache": "device",
+            }
+            model = {**raw["model"], "width": width}
+            run_cfg = parse_config({**raw, "model": model, "train": train})
+            rates.append(dcml_run(run_cfg, dataset, f"ddp-{width}-{batch}-{workers}x{threads}")[0])
+        one, two_threads, ddp = rates
+        print(
+            f"| {width} | {batch} | {one:,.0f} | {two_threads:,.0f} | {ddp:,.0f} | "
+            f"{ddp / one:.2f}x | {ddp / two_threads:.2f}x |",
+            flush=True,
         )
 
 

@@ -1,6 +1,7 @@
 """Tuning: ASHA early stopping against no early stopping on the same sweep, in the same run.
 
     python benchmarks/tune_bench.py [--rows 100000] [--samples 16] [--epochs 27]
+    python benchmarks/tune_bench.py --overhead [--rows 100000]
 
 Both sweeps run `dcml tune` (Ray Tune over Ray Train trials) on the same synthetic dataset, search
 space (log-uniform lr, depth 1-3), seed (so the same trial configs) and trial budget; one with
@@ -33,7 +34,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="workers per trial (>1: DDP trials)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead: 32 one-epoch trials without early stopping; the sweep's wall time against "
+        "trials x one trial's time / concurrency",
+    )
     args = ap.parse_args()
+    if args.overhead:
+        args.samples, args.epochs = 32, 1
 
     from dcml.cluster import connect
     from dcml.config import parse_config
@@ -69,6 +78,9 @@ def main() -> None:
         f"{args.epochs} epochs, {args.concurrent} at once of {args.workers} worker(s); batch "
         f"{args.batch}; ASHA grace {args.grace}, reduction factor {args.reduction}"
     )
+    if args.overhead:
+        overhead(raw, dataset.ref, args)
+        return
     results = {}
     for scheduler in ("asha", "none"):
         sweep_cfg = parse_config({**raw, "tune": {**raw["tune"], "scheduler": scheduler}})
@@ -86,6 +98,30 @@ def main() -> None:
     print(
         f"ASHA / none: wall {wa / wn:.2f}x, trial-epochs {ea / en:.2f}x, best metric "
         f"{ba / bn:.4f}x ({100 * (ba - bn) / bn:+.2f}%)"
+    )
+
+
+def overhead(raw: dict, dataset: str, args) -> None:
+    """What a sweep costs beyond its trials: wall time against trials x one trial's time (the
+    median, from its start to its last report, as Tune times it) / trials at once."""
+    import statistics
+
+    from dcml.config import parse_config
+    from dcml.pipeline import stage_tune
+    from dcml.tune import concurrency
+
+    cfg = parse_config({**raw, "tune": {**raw["tune"], "scheduler": "none"}})
+    t0 = time.perf_counter()
+    _, outcome = stage_tune(cfg, dataset, "bench-overhead", lambda _: None)
+    wall = time.perf_counter() - t0
+    seconds = [t["seconds"] for t in outcome.trials if t["seconds"] is not None]
+    one = statistics.median(seconds)
+    at_once = concurrency(cfg)
+    ideal = len(outcome.trials) * one / at_once
+    print(
+        f"{len(outcome.trials)} trials, {at_once} at once: sweep wall {wall:.1f} s; one "
+        f"trial {one:.2f} s (median; {min(seconds):.2f}-{max(seconds):.2f}); trials x one / "
+        f"concurrency {ideal:.1f} s; overhead {wall / ideal:.2f}x"
     )
 
 

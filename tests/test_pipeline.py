@@ -129,6 +129,14 @@ def test_stage_verbs_run_alone_against_storage(pipeline, tmp_path, capsys):
     assert main(["predict", "bc@production", "--input", raw, *local, *at]) == 0
     assert "local threads" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "local").equals(table)
+    # a file without a column the model reads: an error naming the file and the column, from
+    # the Ray engine's tasks as from the local engine
+    (tmp_path / "broken").mkdir()
+    broken = pq.read_table(raw).drop_columns(["mean radius"])
+    pq.write_table(broken, tmp_path / "broken" / "part.parquet")
+    wrong = ["--input", str(tmp_path / "broken"), "--output", str(tmp_path / "no-out")]
+    assert main(["predict", "bc@production", *wrong, *at]) == 1
+    assert "part.parquet: no column 'mean radius'" in capsys.readouterr().err
     # nothing stored is overwritten, and no other folder is written into
     assert main(["predict", "bc@production", "--input", raw, "--output", str(out), *at]) == 1
     assert "exists" in capsys.readouterr().err

@@ -453,6 +453,24 @@ def test_predict_without_ray_writes_ids_predictions_and_passthrough_in_input_ord
     assert from_csv.column("label").equals(out.column("label"))
     assert from_csv.column("probability").equals(out.column("probability"))
 
+    # CSV as people write it: ids as text (kept as spelled), a blank id, a number that is not
+    # one, an empty part file beside
+    messy = tmp_path / "messy"
+    messy.mkdir()
+    (messy / "a.csv").write_text(
+        "id,x,color,segment\n00123,1.5,red,s0\n,2.0,blue,s1\n7,abc,red,s2\n8,,red,s0\n"
+    )
+    (messy / "b.csv").write_text("")
+    manifest = predict("from-messy", messy)
+    assert (manifest["rows"], manifest["rows_rejected"]) == (1, 3)
+    assert pq.read_table(tmp_path / "from-messy").column("id").to_pylist() == ["00123"]
+    rejects = pq.read_table(tmp_path / "from-messy" / manifest["prefix"] / "_rejects")
+    assert sorted(zip(*rejects.to_pydict().values(), strict=True)) == [
+        ("", "id", "no id: cannot be joined"),
+        ("7", "x", "not a number"),
+        ("8", "x", "missing, and rows missing it were dropped in training: send a number"),
+    ]
+
     pq.write_table(rows.drop_columns(["color"]), inputs / "c.parquet")
     with pytest.raises(DataError, match=r"c\.parquet: no column 'color'"):
         predict("bad")

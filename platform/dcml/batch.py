@@ -2,18 +2,19 @@
 version and any `predict.passthrough` columns, committed with a manifest like every stored thing.
 Rows that cannot be scored go to `_rejects/` with the reason, never into the predictions.
 
-Two engines run the same `BatchScorer` and the same commit:
+Two engines run the same `BatchScorer` and write the same output files, one per unit (an input
+file, or some row groups of a Parquet file), named in the units' order:
 
-* local: threads in this process, each scoring one input file (or a part of a Parquet file's row
-  groups) at a time and writing one output file for it. On one machine a Ray started just for this
-  adds only its start-up (5-10 s against 2-3 s of work for 2M rows), so `auto` picks this engine
-  wherever dcml would otherwise start a Ray of its own.
-* ray: Ray Data actors on the cluster dcml is connected to, one output file per batch.
+* local: threads in this process, one unit each at a time. On one machine a Ray started just for
+  this adds only its start-up (5-10 s against 2-3 s of work for 2M rows), so `auto` picks this
+  engine wherever dcml would otherwise start a Ray of its own.
+* ray: Ray Data over the units on the cluster dcml is connected to; each task reads, scores and
+  writes its own unit, so no rows pass through the object store.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from dcml import registry
 from dcml.config import PipelineConfig
@@ -35,7 +38,7 @@ from dcml.data.errors import DataError
 from dcml.data.sources import read_file, resolve_files
 from dcml.data.transforms import Preprocessor, as_text, numeric_matrix
 from dcml.predictor import Predictor
-from dcml.storage import Commit, Storage, file_entry, require_new_output
+from dcml.storage import Commit, Storage, require_new_output
 
 # Rows that cannot be scored, with the reason, beside the predictions. pyarrow and most readers
 # skip names starting with "_", so reading the output folder reads the predictions alone.
@@ -77,14 +80,23 @@ class BatchScorer:
     def score(self, batch: pa.Table | pa.RecordBatch) -> tuple[pa.Table, pa.Table]:
         p = self.predictor
         columns = {c: batch.column(c) for c in p.inputs}
+        not_numbers: dict[int, dict[str, Any]] = {}
+        for name in p.preprocessor.numeric:  # text in a numeric column: a reject, as Serve's 422
+            if not _is_number_type(columns[name].type):
+                columns[name], bad = numbers(columns[name])
+                for row in np.flatnonzero(bad).tolist():
+                    not_numbers.setdefault(row, {"field": name, "msg": "not a number"})
         raw = numeric_matrix(columns, p.preprocessor.numeric) if p.preprocessor.numeric else None
         out, problems = p.score(p.preprocessor.transform(columns, numeric=raw), raw)
+        problems = problems | not_numbers  # the cause, not its NaN
         if self.reject_unseen:
             problems = unseen_categories(p.preprocessor, columns) | problems
         ids = batch.column(self.id_col)
-        if ids.null_count:
-            for row in np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False)).tolist():
-                problems.setdefault(row, {"field": self.id_col, "msg": "no id: cannot be joined"})
+        missing = pc.is_null(ids)
+        if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+            missing = pc.or_(missing, pc.equal(pc.utf8_trim_whitespace(ids), ""))
+        for row in np.flatnonzero(missing.to_numpy(zero_copy_only=False)).tolist():
+            problems[row] = {"field": self.id_col, "msg": "no id: cannot be joined"}
         keep = None
         if problems:
             keep = np.ones(len(out), dtype=bool)
@@ -116,6 +128,29 @@ class BatchScorer:
         for name in self.passthrough:
             table[name] = kept(batch.column(name))
         return pa.table(table), rejected
+
+
+def _is_number_type(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or (pa.types.is_decimal(t) or pa.types.is_null(t))
+    )
+
+
+def numbers(values: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """A text column that should hold numbers -> (float64, the rows that hold something else).
+    Blank and NA-like text is missing (NaN), as in preprocessing."""
+    import pandas as pd
+
+    from dcml.data.clean import NULL_TEXT
+
+    text = pd.Series(pc.cast(values, pa.string()).to_pylist(), dtype=object)
+    parsed = pd.to_numeric(text, errors="coerce")
+    blank = text.isna() | text.astype(str).str.strip().str.lower().isin(NULL_TEXT)
+    bad = (parsed.isna() & ~blank).to_numpy()
+    return pa.array(parsed.to_numpy(dtype=np.float64, na_value=np.nan)), bad
 
 
 def unseen_categories(pre: Preprocessor, columns: dict) -> dict[int, dict[str, Any]]:
@@ -162,14 +197,20 @@ class Output:
     batch_size: int
 
 
-def engine_for(cfg: PipelineConfig) -> str:
+def engine_for(cfg: PipelineConfig, *filesystems) -> str:
     """`predict.engine`, with auto resolved: ray where this process has a Ray or a cluster to
-    join, local where dcml would start one just for this command."""
+    join, local where dcml would start one just for this command or where the input or output
+    is in this process's memory (memory://, which Ray workers cannot see)."""
+    from dcml.data.sources import in_process
+
+    here = any(in_process(fs) for fs in filesystems)
+    if cfg.predict.engine == "ray" and here:
+        raise ValueError("predict.engine: ray cannot use memory:// (this process only); use local")
     if cfg.predict.engine != "auto":
         return cfg.predict.engine
     ray = sys.modules.get("ray")
     joined = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    return "ray" if joined or (ray is not None and ray.is_initialized()) else "local"
+    return "ray" if not here and (joined or (ray is not None and ray.is_initialized())) else "local"
 
 
 def plan_units(fs, files: list[str], fmt: str, parallel: int) -> list[Unit]:
@@ -185,46 +226,89 @@ def plan_units(fs, files: list[str], fmt: str, parallel: int) -> list[Unit]:
     return units
 
 
+class _Sink:
+    """An output file written as it is made (no copy of it in memory), hashed and counted on the
+    way for the manifest. It lies under the writer's own prefix: a torn one is never listed."""
+
+    def __init__(self, storage: Storage, path: str):
+        if storage.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = storage.fs.open(path, "wb")
+        self.sha256, self.bytes, self.closed = hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:  # ParquetWriter's; the file itself closes on leaving `with`
+        self.closed = True
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
 def score_unit(
-    scorer: BatchScorer, job: Output, unit: Unit, n: int, stop: threading.Event | None = None
+    scorer: BatchScorer,
+    job: Output,
+    unit: Unit,
+    n: int,
+    stop: threading.Event | None = None,
+    digits: int = 5,
 ) -> list[dict]:
     """Score one unit batch by batch into its output files; their manifest entries."""
     path, groups = unit
-    name = f"part-{n:05d}.parquet"
+    name = f"part-{n:0{digits}d}.parquet"
     names = {"rows": name, "rejected": f"{REJECTS}/{name}"}
+    sinks: dict[str, _Sink] = {}
     writers: dict[str, pq.ParquetWriter] = {}
-    buffers: dict[str, io.BytesIO] = {}
     counts = {"rows": 0, "rejected": 0}
-    for batch in _batches(scorer, job, path, groups):
-        if stop is not None and stop.is_set():
-            return []
-        try:
-            tables = dict(zip(names, scorer.score(batch), strict=True))
-        except (pa.ArrowException, ValueError, TypeError) as e:
-            raise DataError(f"{path}: cannot be scored: {e}") from e
-        for kind, table in tables.items():
-            if table.num_rows:
-                if kind not in writers:
-                    buffers[kind] = io.BytesIO()
-                    writers[kind] = parquet_writer(buffers[kind], table.schema)
-                writers[kind].write_table(table)
-                counts[kind] += table.num_rows
-    entries = []
-    for kind, writer in writers.items():
-        writer.close()
-        data = buffers[kind].getvalue()
-        job.out.write_bytes(f"{job.base}/{names[kind]}", data)
-        entries.append({**file_entry(names[kind], data), kind: counts[kind]})
-    return entries
+    with ExitStack() as files:
+        for batch in _batches(scorer, job, path, groups):
+            if stop is not None and stop.is_set():
+                return []
+            if not batch.num_rows:
+                continue
+            try:
+                tables = dict(zip(names, scorer.score(batch), strict=True))
+            except (pa.ArrowException, ValueError, TypeError) as e:
+                raise DataError(f"{path}: cannot be scored: {e}") from e
+            for kind, table in tables.items():
+                if table.num_rows:
+                    if kind not in writers:
+                        sink = _Sink(job.out, f"{job.base}/{names[kind]}")
+                        sinks[kind] = files.enter_context(sink)
+                        writers[kind] = parquet_writer(sinks[kind], table.schema)
+                    writers[kind].write_table(table)
+                    counts[kind] += table.num_rows
+        for writer in writers.values():
+            writer.close()
+    return [
+        {"path": names[k], "bytes": s.bytes, "sha256": s.sha256.hexdigest(), k: counts[k]}
+        for k, s in sinks.items()
+    ]
 
 
 def _batches(scorer: BatchScorer, job: Output, path: str, groups: list[int] | None):
     if job.fmt != "parquet":
-        table = read_file(job.fs, path, job.fmt)
+        if job.fs.size(path) == 0:  # an empty part file (Spark writes them): no rows
+            return
+        table = read_file(job.fs, path, job.fmt, text_columns=[scorer.id_col])
         _check_columns(scorer, table.column_names, path)
         yield from table.to_batches(job.batch_size)
         return
-    with job.fs.open(path, "rb") as handle:
+    # no read-ahead on object stores: Parquet reads the column chunks it needs, by range
+    options = {} if isinstance(job.fs, LocalFileSystem) else {"cache_type": "none"}
+    with job.fs.open(path, "rb", **options) as handle:
         pf = _parquet(handle, path)
         _check_columns(scorer, pf.schema_arrow.names, path)
         try:
@@ -260,11 +344,14 @@ def score_locally(
     torch_threads = torch.get_num_threads()
     if scorer.predictor.device.type == "cpu":
         torch.set_num_threads(max(1, torch_threads // threads))
+    digits = _digits(units)
     entries: list[dict] = []
     started = last = time.monotonic()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="dcml-predict")
     try:
-        pending = {pool.submit(score_unit, scorer, job, u, n, stop) for n, u in enumerate(units)}
+        pending = {
+            pool.submit(score_unit, scorer, job, u, n, stop, digits) for n, u in enumerate(units)
+        }
         while pending:
             done, pending = wait(pending, timeout=10, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -276,35 +363,48 @@ def score_locally(
                 log(f"scored {rows:,} rows ({rate:,.0f} rows/s); {len(pending)} file(s) to go")
     finally:
         stop.set()  # on an error or Ctrl-C: the other threads stop at their next batch
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(torch_threads)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            torch.set_num_threads(torch_threads)
     return entries
 
 
-# One scorer per model per process: a Ray worker process keeps it across the tasks it runs.
-_scorers: dict[tuple, BatchScorer] = {}
+def _digits(units: list[Unit]) -> int:
+    """Digits of the output files' numbers: their names sort in the units' order."""
+    return max(5, len(str(len(units) - 1)))
 
 
-def _score_units(
-    batch: dict[str, np.ndarray],
-    storage: Storage,
-    model_path: str,
-    options: dict,
-    gpu: bool,
-    job: Output,
-) -> dict[str, np.ndarray]:
-    """Ray Data: score the units of a batch of them (JSON: path, row groups, n); their files'
-    manifest entries, as JSON. Each task reads its own rows from storage and writes its own
-    output: no data passes through the object store."""
-    key = (storage.to_uri(model_path), gpu, json.dumps(options, sort_keys=True))
-    if key not in _scorers:
-        device = "cuda" if gpu else "cpu"  # a task that asked for a GPU got one
-        _scorers[key] = BatchScorer(Predictor.from_storage(storage, model_path, device), **options)
-    entries = []
-    for unit in batch["unit"]:
-        path, groups, n = json.loads(unit)
-        entries += score_unit(_scorers[key], job, (path, groups), n)
-    return {"entry": np.array([json.dumps(e) for e in entries], dtype=object)}
+class _RayUnits:
+    """Ray Data: scores the units of a batch of them (JSON: path, row groups, n) and returns
+    their files' manifest entries as JSON. Each call reads its own rows from storage and writes
+    its own output: no data passes through the object store. A task keeps the model loaded in
+    its worker process for the next file; on GPUs an actor of this class holds it (Ray ends a
+    GPU task's worker after each task)."""
+
+    scorers: dict[tuple, BatchScorer] = {}  # per process: one per model
+
+    def __init__(
+        self, storage: Storage, model_path: str, options: dict, gpu: bool, job: Output, digits
+    ):
+        self.job, self.digits = job, digits
+        key = (storage.to_uri(model_path), gpu, json.dumps(options, sort_keys=True))
+        if key not in self.scorers:
+            device = "cuda" if gpu else "cpu"  # a task or actor that asked for a GPU got one
+            predictor = Predictor.from_storage(storage, model_path, device)
+            self.scorers[key] = BatchScorer(predictor, **options)
+        self.scorer = self.scorers[key]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entries = []
+        for unit in batch["unit"]:
+            path, groups, n = json.loads(unit)
+            entries += score_unit(self.scorer, self.job, (path, groups), n, digits=self.digits)
+        return {"entry": np.array([json.dumps(e) for e in entries], dtype=object)}
+
+
+def _score_units(batch: dict[str, np.ndarray], *args) -> dict[str, np.ndarray]:
+    return _RayUnits(*args)(batch)
 
 
 def score_with_ray(
@@ -312,23 +412,34 @@ def score_with_ray(
 ) -> list[dict]:
     import ray
 
-    from dcml.cluster import connect
-    from dcml.data.sources import in_process
+    from dcml.data.errors import find_data_error
 
-    if in_process(job.fs):
-        raise ValueError("predict.engine: ray cannot read memory:// (this process only); use local")
-    connect(cfg.cluster)
+    args = (storage, mv.path, options, gpu, job, _digits(units))
     items = [{"unit": json.dumps([path, groups, n])} for n, (path, groups) in enumerate(units)]
-    written = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(
-            _score_units,
-            fn_args=(storage, mv.path, options, gpu, job),
-            batch_size=1,
-            num_gpus=1 if gpu else 0,
-        )
-        .take_all()
-    )
+    ctx = ray.data.DataContext.get_current()
+    # A DataError raised in a task reaches us as itself, not as a generic UserCodeException (a
+    # dataset keeps the context it was made in: set before making it).
+    saved, ctx.raise_original_map_exception = ctx.raise_original_map_exception, True
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        if gpu:  # actors: the model and CUDA set up once per GPU
+            ds = ds.map_batches(
+                _RayUnits,
+                fn_constructor_args=args,
+                batch_size=1,
+                num_gpus=1,
+                concurrency=len(units),
+            )
+        else:
+            ds = ds.map_batches(_score_units, fn_args=args, batch_size=1)
+        written = ds.take_all()
+    except Exception as e:
+        found = find_data_error(e)
+        if found is None or found is e:
+            raise
+        raise found from None  # the message alone, without Ray's task wrappers
+    finally:
+        ctx.raise_original_map_exception = saved
     return [json.loads(w["entry"]) for w in written]
 
 
@@ -358,8 +469,9 @@ def predict_batch(
         "passthrough": cfg.predict.passthrough,
         "unknown_categories": cfg.serve.unknown_categories,
     }
-    engine = engine_for(cfg)
+    engine = engine_for(cfg, fs, out.fs)
     gpu = cfg.train.use_gpu if cfg.predict.use_gpu is None else cfg.predict.use_gpu
+    gpu_field = "predict.use_gpu" if cfg.predict.use_gpu is not None else "train.use_gpu"
     meta = {"kind": "predictions", "model": mv.ref, "input": input_uri, "engine": engine}
     commit = Commit(out, out.root)
     job = Output(fs, fmt, out, commit.base, cfg.predict.batch_size)
@@ -368,15 +480,16 @@ def predict_batch(
             import torch
 
             if gpu and not torch.cuda.is_available():
-                raise ValueError("predict.use_gpu: this machine has no CUDA device")
+                raise ValueError(f"{gpu_field}: this machine has no CUDA device")
             predictor = Predictor.from_storage(storage, mv.path, "cuda" if gpu else "cpu")
-            threads = cfg.predict.threads or cfg.cluster.num_cpus or os.cpu_count() or 1
+            cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers)
+            threads = cfg.predict.threads or cfg.cluster.num_cpus or cores
             units = plan_units(fs, files, fmt, threads)
             meta["threads"] = threads = max(1, min(threads, len(units)))
             entries = score_locally(BatchScorer(predictor, **options), job, units, threads, log)
         else:
             BatchScorer(Predictor.from_storage(storage, mv.path), **options)  # options, early
-            units = plan_units(fs, files, fmt, _cluster_slots(cfg, gpu))
+            units = plan_units(fs, files, fmt, _cluster_slots(cfg, gpu, gpu_field))
             entries = score_with_ray(cfg, storage, mv, options, gpu, job, units)
         summary = commit_predictions(commit, entries, meta)
     except FileExistsError as e:  # another run wrote this output first
@@ -406,7 +519,7 @@ def described(manifest: dict, output: str) -> str:
     return text
 
 
-def _cluster_slots(cfg: PipelineConfig, gpu: bool) -> int:
+def _cluster_slots(cfg: PipelineConfig, gpu: bool, gpu_field: str) -> int:
     """How many units the cluster can score at once: its CPUs, or with a GPU each, its GPUs."""
     from dcml.cluster import connect
 
@@ -415,7 +528,7 @@ def _cluster_slots(cfg: PipelineConfig, gpu: bool) -> int:
 
     resources = ray.cluster_resources()
     if gpu and not resources.get("GPU"):
-        raise ValueError("predict.use_gpu: the Ray cluster has no GPU")
+        raise ValueError(f"{gpu_field}: the Ray cluster has no GPU")
     return max(1, int(resources.get("GPU" if gpu else "CPU", 1)))
 
 

@@ -71,8 +71,8 @@ class Predictor:
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
         """Already-transformed features -> P(positive) (binary), class probabilities (rows,
-        classes; multiclass) or values (regression). On a GPU the batch is copied from pinned
-        host memory (a DMA transfer, without a staging copy of its own)."""
+        classes; multiclass) or values (regression). On a GPU the batch goes through pinned
+        host memory, from which the copy to the device is a DMA transfer that does not block."""
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)

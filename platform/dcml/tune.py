@@ -243,7 +243,7 @@ def sweep(
                 num_samples=cfg.tune.num_samples,
                 search_alg=_searcher(cfg, limit),
                 scheduler=scheduler,  # the searcher holds the concurrency limit
-                reuse_actors=cfg.tune.scheduler == "pbt",  # PBT pauses and resumes trials
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=sweep_id,
@@ -277,10 +277,13 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
             "trial": trial_id,
             **{k: result.config.get(k) for k in cfg.tune.space},
             "epochs": 0,
+            "seconds": None,
             metric: float("nan"),
             "status": "failed" if result.error else "finished",
             "error": _last_line(result.error) if result.error else "",
         }
+        if df is not None and "time_total_s" in df:  # from the trial's start to its last report
+            row["seconds"] = round(float(df["time_total_s"].max()), 3)
         if df is not None and metric in df:
             row["epochs"] = int(df["epoch"].max()) + 1 if "epoch" in df else len(df)
             curves[trial_id] = (list(df["epoch"] + 1), list(df[metric]))

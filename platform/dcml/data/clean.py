@@ -29,7 +29,7 @@ DROP_REASONS = {
     MISSING_ID: "missing_id",
     DUPLICATE: "duplicate",
 }
-_NULL_TEXT = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
+NULL_TEXT = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
 
 
 def to_float(col: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
@@ -40,7 +40,7 @@ def to_float(col: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         text = pd.Series(pc.cast(col, pa.string()).to_pylist(), dtype=object)
         values = pd.to_numeric(text, errors="coerce")
-        blank = text.isna() | text.astype(str).str.strip().str.lower().isin(_NULL_TEXT)
+        blank = text.isna() | text.astype(str).str.strip().str.lower().isin(NULL_TEXT)
         bad = np.flatnonzero(values.isna() & ~blank)
         if len(bad):
             i = int(bad[0])

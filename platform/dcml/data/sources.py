@@ -168,9 +168,14 @@ def in_process(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def read_file(
-    fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    fmt: str,
+    data: bytes | None = None,
+    text_columns: list[str] = (),
 ) -> pa.Table:
-    """One raw file (or its bytes, read elsewhere) -> an Arrow table; any failure names the file."""
+    """One raw file (or its bytes, read elsewhere) -> an Arrow table; any failure names the file.
+    `text_columns`: CSV columns read as text whatever they look like (ids such as 00123)."""
     try:
         if data is None:
             with fs.open(path, "rb") as f:
@@ -178,7 +183,10 @@ def read_file(
         if fmt == "parquet":
             return pq.read_table(io.BytesIO(data))
         if fmt == "csv":
-            return pacsv.read_csv(io.BytesIO(data))
+            types = dict.fromkeys(text_columns, pa.string())
+            return pacsv.read_csv(
+                io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types)
+            )
         return _read_json_lines(data)
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
