@@ -232,7 +232,7 @@ def main() -> None:
     # Arrow batches of raw rows -> id, label, probability; the same labels as on the CPU.
     import pyarrow as pa
 
-    from dcml.batch import BatchScorer
+    from dcml.scoring import BatchScorer
 
     table = pa.table({"id": np.arange(len(xv)), **columns})
     batches = table.to_batches(65_536)

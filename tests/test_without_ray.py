@@ -313,7 +313,7 @@ def test_values_that_cannot_be_scored_get_a_422_or_a_reject_row_never_a_nan(tmp_
     field, batch inference writes the row to its rejects with the reason, and no answer holds a
     NaN or a label made up from one."""
     from dcml import registry
-    from dcml.batch import BatchScorer
+    from dcml.scoring import BatchScorer
     from dcml.storage import Storage
 
     from .conftest import register_tiny_model
