@@ -198,7 +198,7 @@ def predict_batch(
             if gpu and not torch.cuda.is_available():
                 raise ValueError(f"{gpu_field}: this machine has no CUDA device")
             predictor = Predictor.from_storage(storage, mv.path, "cuda" if gpu else "cpu")
-            cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers)
+            cores = _cores()
             threads = cfg.predict.threads or cfg.cluster.num_cpus or cores
             units = plan_units(fs, files, fmt, threads)
             meta["threads"] = threads = max(1, min(threads, len(units)))
@@ -233,6 +233,13 @@ def described(manifest: dict, output: str) -> str:
         text += f"\n{manifest['rows_rejected']:,} rows could not be scored: {folder}/ has their "
         text += "id, field and reason"
     return text
+
+
+def _cores() -> int:
+    """The cores this process may use (a container's share; all of them where the OS cannot
+    tell, as on macOS)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _cluster_slots(cfg: PipelineConfig, gpu: bool, gpu_field: str) -> int:
