@@ -476,6 +476,10 @@ def test_predict_without_ray_writes_ids_predictions_and_passthrough_in_input_ord
         predict("bad")
     with pytest.raises(ValueError, match="predict.passthrough: label would replace"):
         predict("clash", passthrough=["label"])
+    with pytest.raises(DataError, match=r"no column 'nope' \(listed in predict.passthrough\)"):
+        predict("nope", source=inputs / "a.parquet", passthrough=["nope"])
+    with pytest.raises(LookupError, match="no model named 'dog'.*models: cat"):
+        predict_batch(parse_config({"storage": {"root": str(tmp_path / "store")}}), "dog@x", "", "")
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("*.parquet"))
     # auto: Ray Data where a cluster is named
     assert engine_for(parse_config({"cluster": {"address": "auto"}})) == "ray"

@@ -188,7 +188,8 @@ def predict_batch(
     engine = engine_for(cfg, fs, out.fs)
     gpu = cfg.train.use_gpu if cfg.predict.use_gpu is None else cfg.predict.use_gpu
     gpu_field = "predict.use_gpu" if cfg.predict.use_gpu is not None else "train.use_gpu"
-    meta = {"kind": "predictions", "model": mv.ref, "input": input_uri, "engine": engine}
+    where = input_uri if "://" in input_uri else os.path.abspath(input_uri)  # meaningful later
+    meta = {"kind": "predictions", "model": mv.ref, "input": where, "engine": engine}
     commit = Commit(out, out.root)
     job = Output(fs, fmt, out, commit.base, cfg.predict.batch_size)
     try:
@@ -223,16 +224,22 @@ def predict_batch(
 def described(manifest: dict, output: str) -> str:
     """What `dcml predict` wrote, for people."""
     engine = manifest.get("engine", "ray")
-    how = f"{manifest['threads']} local threads" if engine == "local" else "Ray Data"
+    threads = manifest.get("threads", 1)
+    how = f"{_count(threads, 'local thread')}" if engine == "local" else "Ray Data"
     rows, seconds = manifest["rows"], manifest.get("seconds")
-    text = f"wrote {rows:,} predictions to {output} with {how}"
+    text = f"wrote {_count(rows, 'prediction')} to {output} with {how}"
     if seconds:
-        text += f" in {seconds:.1f} s ({(rows + manifest['rows_rejected']) / seconds:,.0f} rows/s)"
+        rate = (rows + manifest["rows_rejected"]) / seconds
+        text += f" (scored in {seconds:.1f} s, {rate:,.0f} rows/s)"
     if manifest["rows_rejected"]:
         folder = "/".join(filter(None, [output.rstrip("/"), manifest.get("prefix"), REJECTS]))
-        text += f"\n{manifest['rows_rejected']:,} rows could not be scored: {folder}/ has their "
-        text += "id, field and reason"
+        text += f"\n{_count(manifest['rows_rejected'], 'row')} could not be scored: {folder}/ "
+        text += "has their id, field and reason"
     return text
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"
 
 
 def _cores() -> int:

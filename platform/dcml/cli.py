@@ -150,8 +150,9 @@ def predict(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
 ):
-    """Batch inference: id, prediction and model version (+ predict.passthrough columns) as
-    Parquet; threads in this process, or Ray Data on a cluster (predict.engine)."""
+    """Batch inference: Parquet of id, prediction, model version (+ predict.passthrough=[col]);
+    unscorable rows in OUTPUT/tx-*/_rejects/. No Ray unless cluster.address or RAY_ADDRESS names a
+    cluster (then Ray Data). See docs/serving.md; without -c the storage root is ./dcml-store."""
     from dcml.batch import described, predict_batch
 
     cfg = _config(config, set_)

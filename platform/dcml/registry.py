@@ -247,6 +247,11 @@ def resolve_model(storage: Storage, ref: str) -> ModelVersion:
         return get_version(storage, name, versions[-1])
     stack = _stack(alias_history(storage, name, tag))
     if not stack:
+        if not _versions(storage, name):
+            known = ", ".join(sorted(list_models(storage))) or "none"
+            raise LookupError(
+                f"no model named {name!r} in {storage.uri('models')}; models: {known}"
+            )
         raise LookupError(
             f"model {name!r} has no alias {tag!r}; "
             f"aliases: {sorted(aliases(storage, name)) or 'none'}"

@@ -55,7 +55,8 @@ class BatchScorer:
                 f"predict.passthrough: {', '.join(clash)} would replace an output column "
                 f"of the same name (the output has id, {', '.join(self.outputs)}, model_version)"
             )
-        self.columns = list(dict.fromkeys([id_col, *p.inputs, *self.passthrough]))
+        self.model_columns = [id_col, *p.inputs]
+        self.columns = list(dict.fromkeys([*self.model_columns, *self.passthrough]))
 
     def missing(self, names: list[str]) -> list[str]:
         return [c for c in self.columns if c not in names]
@@ -286,10 +287,13 @@ def _batches(scorer: BatchScorer, job: Output, path: str, groups: list[int] | No
 
 def _check_columns(scorer: BatchScorer, names: list[str], path: str) -> None:
     if missing := scorer.missing(names):
-        raise DataError(
-            f"{path}: no column {', '.join(map(repr, missing))} (the model reads "
-            f"{', '.join(scorer.columns)})"
+        asked = [c for c in missing if c in scorer.passthrough and c not in scorer.model_columns]
+        why = (
+            "listed in predict.passthrough"
+            if len(asked) == len(missing)
+            else f"the model reads {', '.join(scorer.model_columns)}"
         )
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))} ({why})")
 
 
 def _parquet(handle, path: str) -> pq.ParquetFile:
