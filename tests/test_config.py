@@ -154,3 +154,16 @@ def test_an_older_config_with_gate_rounds_still_loads():
     assert "rounds" not in load_config(None, ["data.gate.rounds=1"]).data.gate.model_dump()
     with pytest.raises(ConfigError, match="data.gate: .*rounds .*'two' is not 0 or more"):
         load_config(None, ["data.gate.rounds=two"])
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once():
+    """Ray retries such an address for minutes; dcml names the field after one failed connect."""
+    from dcml.cluster import check_reachable
+
+    from .conftest import free_port
+
+    with pytest.raises(RuntimeError, match="cluster.address: no Ray cluster answers at"):
+        check_reachable(f"127.0.0.1:{free_port()}", "cluster.address")
+    with pytest.raises(RuntimeError, match="RAY_ADDRESS"):
+        check_reachable(f"ray://127.0.0.1:{free_port()}", "RAY_ADDRESS")
+    check_reachable("auto", "cluster.address")  # Ray's own discovery: not checked here

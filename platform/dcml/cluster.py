@@ -145,6 +145,8 @@ def connect(cfg: ClusterConfig) -> None:
         return
     prepare_env(cfg)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address, "cluster.address" if cfg.address else "RAY_ADDRESS")
     common = {
         "logging_level": logging.WARNING if cfg.quiet else logging.INFO,
         "log_to_driver": True,  # dcml's per-epoch progress is printed by the train workers
@@ -159,6 +161,19 @@ def connect(cfg: ClusterConfig) -> None:
     if cfg.quiet:
         # A failed Ray Data task logs its whole traceback; dcml reports the error itself.
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+
+
+def check_reachable(address: str, field: str, timeout: float = 5) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) where nothing listens: Ray itself retries such
+    an address for minutes, printing only its own warnings."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():  # "auto", "local": Ray finds the cluster itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"{field}: no Ray cluster answers at {address} ({e})") from None
 
 
 def wait_for_stop() -> None:
