@@ -101,7 +101,8 @@ def _build(
         for i, f in enumerate(files)
     ]
     blocks, surveys = zip(*tasks, strict=True)
-    reasons, kept, labels, losers, sample = merge_surveys(ray.get(list(surveys)))
+    # in the files' order: of several bad files, the first is the one the error names
+    reasons, kept, labels, losers, sample = merge_surveys([ray.get(s) for s in surveys])
     cleaned = ray.data.from_arrow_refs(list(blocks))
     n_raw = sum(reasons)
     if not n_raw:
