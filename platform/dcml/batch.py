@@ -26,6 +26,7 @@ import numpy as np
 
 from dcml import registry
 from dcml.config import PipelineConfig
+from dcml.data.errors import data_errors_as_raised
 from dcml.data.sources import resolve_files
 from dcml.predictor import Predictor
 from dcml.scoring import REJECTS, BatchScorer, Output, Unit, plan_units, score_unit
@@ -128,15 +129,9 @@ def score_with_ray(
 ) -> list[dict]:
     import ray
 
-    from dcml.data.errors import find_data_error
-
     args = (storage, mv.path, options, gpu, job, _digits(units))
     items = [{"unit": json.dumps([path, groups, n])} for n, (path, groups) in enumerate(units)]
-    ctx = ray.data.DataContext.get_current()
-    # A DataError raised in a task reaches us as itself, not as a generic UserCodeException (a
-    # dataset keeps the context it was made in: set before making it).
-    saved, ctx.raise_original_map_exception = ctx.raise_original_map_exception, True
-    try:
+    with data_errors_as_raised():  # before the dataset is made: it keeps that context
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         if gpu:  # actors: the model and CUDA set up once per GPU
             ds = ds.map_batches(
@@ -149,13 +144,6 @@ def score_with_ray(
         else:
             ds = ds.map_batches(_score_units, fn_args=args, batch_size=1)
         written = ds.take_all()
-    except Exception as e:
-        found = find_data_error(e)
-        if found is None or found is e:
-            raise
-        raise found from None  # the message alone, without Ray's task wrappers
-    finally:
-        ctx.raise_original_map_exception = saved
     return [json.loads(w["entry"]) for w in written]
 
 

@@ -33,7 +33,7 @@ from dcml.config import PipelineConfig
 from dcml.data.catalog import DatasetVersion, find_version
 from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows, order_keys
 from dcml.data.columns import Columns, class_key, infer_columns
-from dcml.data.errors import DataError, find_data_error
+from dcml.data.errors import DataError, data_errors_as_raised
 from dcml.data.gate import GateSpec, merge_stats, run_gate
 from dcml.data.sources import collect_bundled, in_process, read_schema, resolve_files
 from dcml.data.split import SPLITS
@@ -68,18 +68,8 @@ def preprocess(cfg: PipelineConfig, storage: Storage, log=print) -> DatasetVersi
         log(f"dataset {existing.ref} already exists for these inputs and config; reusing it")
         return existing
     cols = infer_columns(d, read_schema(fs, files[0], fmt), files[0])
-    ctx = ray.data.DataContext.get_current()
-    # A DataError raised in a task reaches us as itself, not as a generic UserCodeException.
-    saved, ctx.raise_original_map_exception = ctx.raise_original_map_exception, True
-    try:
+    with data_errors_as_raised():
         return _build(cfg, storage, fs, files, fmt, cols, fingerprint, rows, log)
-    except Exception as e:
-        found = find_data_error(e)
-        if found is None or found is e:
-            raise
-        raise found from None  # the message alone, without Ray's task wrappers
-    finally:
-        ctx.raise_original_map_exception = saved
 
 
 def _build(
