@@ -161,8 +161,8 @@ def epochs_of(trial: Path) -> list[int]:
 
 
 def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
-    """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while its second trial
-    runs; `--resume` keeps the finished trial and finishes the rest."""
+    """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while a trial after the
+    first runs; `--resume` keeps the finished trials and finishes the rest."""
     write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
     epochs = 6
     raw = {
@@ -202,12 +202,14 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
         proc.wait()
     before = trial_checkpoints(sweep)
     finished = [t for t, c in before.items() if len(c) == epochs]
-    assert len(finished) == 1 and len(before) == 2, before
+    # one trial or two are done (trial processes are reused: a short trial can end between two
+    # saves of Tune's state), and the next was interrupted mid-run
+    assert 1 <= len(finished) <= 2 and len(before) == len(finished) + 1, before
 
     _, outcome = stage_tune(resumed_config(cfg, "s1"), None, "s1", quiet, resume=True)
     after = trial_checkpoints(sweep)
     assert len(outcome.trials) == 3 and all(t["status"] == "finished" for t in outcome.trials)
-    assert after[finished[0]] == before[finished[0]]  # kept, not run again
+    assert all(after[t] == before[t] for t in finished)  # kept, not run again
     assert len(after) == 3
     interrupted = next(t for t in before if t not in finished)
     # it went on from its last checkpoint: epoch 0 was not run twice, no checkpoint overwritten
