@@ -27,6 +27,7 @@ from dcml.config_sections import (
     TuneConfig,
     _Section,
 )
+from dcml.config_watch import MonitorConfig, TrackingConfig
 from dcml.direction import mode_of
 from dcml.serve_config import TOKEN_SOURCES, ServeConfig
 
@@ -44,6 +45,8 @@ class PipelineConfig(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _resolve_auto(self) -> PipelineConfig:
