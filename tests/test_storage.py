@@ -68,6 +68,21 @@ def own_storage(store: Storage) -> Storage:
     return Storage(store.uri(), {**store.options, "skip_instance_cache": True})
 
 
+class MeetBeforeWriting(Storage):
+    """`own_storage`, whose first write waits for the other writers sharing `meet`: what each
+    read before writing, they all read before any of them wrote."""
+
+    def __init__(self, store: Storage, meet: threading.Barrier):
+        super().__init__(store.uri(), {**store.options, "skip_instance_cache": True})
+        self.meet, self.met = meet, False
+
+    def create(self, path: str, data: bytes) -> None:
+        if not self.met:
+            self.met = True
+            self.meet.wait(timeout=60)
+        super().create(path, data)
+
+
 def test_concurrent_registrations_get_distinct_complete_versions(store, tmp_path):
     """4 writers register one model name at once: 4 numbers, each version whole."""
     path, meta = checkpoint(store, tmp_path / "ckpt")
@@ -100,8 +115,12 @@ def test_concurrent_promotions_keep_every_entry_and_roll_back_in_order(store, tm
     promoted = [h["version"] for h in history]
     assert sorted(promoted) == list(range(1, 9)) and all(h["by"] for h in history)
     assert registry.resolve_model(store, "m@production").version == promoted[-1]
-    # two operators undo the same version at once: it is undone once, the other is told
-    undone = at_once(2, lambda _: registry.rollback(own_storage(store), "m", "production"))
+    # two operators undo the same version at once (both read the history before either
+    # writes): it is undone once, the other is told
+    meet = threading.Barrier(2)
+    undone = at_once(
+        2, lambda _: registry.rollback(MeetBeforeWriting(store, meet), "m", "production")
+    )
     assert sorted(map(type, undone), key=str) == sorted([int, RuntimeError], key=str), undone
     assert "meanwhile; not rolled back" in str(next(e for e in undone if isinstance(e, Exception)))
     for expected in reversed(promoted[:-2]):  # rollback walks the history back in order
