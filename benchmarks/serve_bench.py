@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+WARM_UP = 20  # requests sent before each timed load
 sys.path.insert(0, str(ROOT / "platform"))
 
 PLAIN_APP = textwrap.dedent(
@@ -78,13 +79,23 @@ async def load(url: str, payload, concurrency: int, total: int) -> tuple[float, 
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(min(20, total)):  # warm-up
+        for _ in range(min(WARM_UP, total)):
             async with session.post(url, json=payload) as r:
                 await r.read()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return total / wall, latencies
+
+
+def replica(app: str):
+    """The Serve replica process of an application (one replica each here)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app}:" in " ".join(p.info["cmdline"] or []):
+            return p
+    raise RuntimeError(f"no Serve replica of {app!r} found")
 
 
 def replica_niceness() -> int:
@@ -116,6 +127,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="turns per cell (median requests/s)")
     ap.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_s")
     ap.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy")
+    ap.add_argument(
+        "--without-metrics",
+        action="store_true",
+        help="also serve the model with serve.metrics off (a second application): the cost of "
+        "the model's metrics, as the ratio of the two",
+    )
+    ap.add_argument("--log-fraction", type=float, default=0.0, help="serve.log_fraction")
     args = ap.parse_args()
 
     import socket
@@ -141,6 +159,7 @@ def main() -> None:
             "serve": {
                 "port": free_port(),
                 "reload_s": 0,
+                "log_fraction": args.log_fraction,
                 **({} if args.batch_wait is None else {"batch_wait_s": args.batch_wait}),
             },
         }
@@ -157,7 +176,15 @@ def main() -> None:
     rows = [r for r in rows if all(v == v for v in r.values())]  # no missing values (NaN)
 
     if args.requests:
+        import psutil
+
         served = deploy(cfg, "bc@production")
+        urls = {"dcml": f"{served}/predict"}
+        if args.without_metrics:
+            bare = cfg.model_copy(deep=True)
+            bare.serve.app_name, bare.serve.route_prefix = "bare", "/bare"
+            bare.serve.metrics, bare.serve.log_fraction = False, 0.0
+            urls["dcml, metrics off"] = f"{deploy(bare, 'bc@production')}/predict"
         plain_port = free_port()
         (tmp / "plain_app.py").write_text(PLAIN_APP)
         niceness = replica_niceness()
@@ -168,22 +195,34 @@ def main() -> None:
         )
         try:
             wait_up(f"http://127.0.0.1:{plain_port}/docs")
-            wait_up(f"{served}/healthz")
-            urls = {"dcml": f"{served}/predict", "plain": f"http://127.0.0.1:{plain_port}/predict"}
+            for url in urls.values():
+                wait_up(url.replace("/predict", "/healthz"))
+            urls["plain"] = f"http://127.0.0.1:{plain_port}/predict"
             print(
                 f"model {mv.ref}; ingress {args.ingress}; {args.rounds} x {args.requests} "
-                f"requests per cell; both servers at nice {niceness}"
+                f"requests per cell; all servers at nice {niceness}; serve.log_fraction "
+                f"{args.log_fraction}"
             )
-            print("| payload | concurrency | server | requests/s | p50 ms | p99 ms |")
-            print("| --- | ---: | --- | ---: | ---: | ---: |")
+            # the process that answers: each application's replica, the plain server
+            procs = {
+                server: replica(app)
+                for server, app in (("dcml", cfg.serve.app_name), ("dcml, metrics off", "bare"))
+                if server in urls
+            }
+            procs["plain"] = psutil.Process(plain.pid)
+            print("| payload | concurrency | server | requests/s | p50 ms | p99 ms | CPU us/req |")
+            print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
             ratios = []
             for name, payload in (("1 record", rows[0]), ("64 records", (rows * 64)[:64])):
                 for conc in (1, 8, 32):
                     rates: dict[str, list[float]] = {server: [] for server in urls}
                     latencies: dict[str, list[float]] = {server: [] for server in urls}
+                    cpu = dict.fromkeys(urls, 0.0)  # CPU seconds of the answering process
                     for _ in range(args.rounds):  # the servers take turns: same machine state
                         for server, url in urls.items():
+                            before = sum(procs[server].cpu_times()[:2])
                             rps, lat = asyncio.run(load(url, payload, conc, args.requests))
+                            cpu[server] += sum(procs[server].cpu_times()[:2]) - before
                             rates[server].append(rps)
                             latencies[server] += lat
                     got = {}
@@ -191,14 +230,25 @@ def main() -> None:
                         rps = statistics.median(rates[server])
                         p50 = statistics.median(lat) * 1e3
                         p99 = float(np.percentile(lat, 99)) * 1e3
-                        got[server] = (rps, p50, p99)
-                        print(f"| {name} | {conc} | {server} | {rps:.0f} | {p50:.1f} | {p99:.1f} |")
-                    (dr, d50, _), (pr, p50_, _) = got["dcml"], got["plain"]
-                    ratios.append((name, conc, dr / pr, d50 / p50_))
-            for name, conc, throughput, latency in ratios:
+                        per = cpu[server] / (args.rounds * (args.requests + WARM_UP)) * 1e6
+                        got[server] = (rps, p50, p99, per)
+                        print(
+                            f"| {name} | {conc} | {server} | {rps:.0f} | {p50:.1f} | {p99:.1f} "
+                            f"| {per:.0f} |"
+                        )
+                    (dr, d50, _, dc), (pr, p50_, _, _) = got["dcml"], got["plain"]
+                    off, _, _, oc = got.get("dcml, metrics off", (dr, d50, 0, dc))
+                    ratios.append((name, conc, dr / pr, d50 / p50_, dr / off, dc / oc))
+            for name, conc, throughput, latency, metrics, cpu_ratio in ratios:
                 print(
                     f"{name}, concurrency {conc}: dcml/plain requests/s {throughput:.2f}x, "
                     f"p50 {latency:.2f}x"
+                    + (
+                        f"; metrics on/off: requests/s {metrics:.3f}x, replica CPU per request "
+                        f"{cpu_ratio:.3f}x"
+                        if args.without_metrics
+                        else ""
+                    )
                 )
         finally:
             plain.terminate()

@@ -30,6 +30,7 @@ APART = {"tests/test_jobs.py", "tests/test_tune.py", "tests/test_crashes.py"}  #
 WITHOUT_RAY = {
     "tests/test_config.py",
     "tests/test_layout.py",
+    "tests/test_monitor.py",
     "tests/test_registry.py",
     "tests/test_report.py",
     "tests/test_serve_process.py",

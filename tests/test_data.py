@@ -86,6 +86,21 @@ def test_cleaning_counts_every_dropped_row_and_encodes_categories(tmp_path):
     assert "color=red" in m["features"] and "color=<unknown>" in m["features"]
     pre = dv.preprocessor
     assert pre.categories["color"] == sorted(["red", "green", "blue", "black", "white"])
+    # what `dcml monitor` compares traffic with: the training split's distributions
+    train = table.filter(
+        pc.is_in(table.column("id"), pa.array(read_split_numpy(storage, dv, "train")[0]))
+    )
+    ref = pre.reference["numeric"]["num_0"]
+    assert len(ref["points"]) > 50 and ref["cdf"][-1] == 1.0
+    median = ref["points"][int(np.searchsorted(ref["cdf"], 0.5))]
+    assert median == pytest.approx(
+        np.nanmedian(train.column("num_0").to_numpy(zero_copy_only=False)), abs=0.1
+    )
+    shares = pre.reference["categorical"]["color"]["frequencies"]
+    counts = pc.value_counts(pc.drop_null(train.column("color"))).to_pylist()
+    total = sum(c["counts"] for c in counts)
+    # (the ids of the stored rows also pick their dropped duplicates: a share differs slightly)
+    assert {c["values"]: c["counts"] / total for c in counts} == pytest.approx(shares, abs=0.005)
     # outliers (0.5% of values, x50) clipped to the fitted 1%/99% quantiles
     ids, x, _ = read_split_numpy(storage, dv, "train")
     assert np.abs(x[:, : len(pre.numeric)]).max() < 4

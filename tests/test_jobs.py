@@ -116,6 +116,7 @@ def test_ray_job_submit_runs_a_stage_with_dcml_shipped_in_the_runtime_env(
     cluster, s3_store, preprocess_job
 ):
     logs = ray_cli("job", "logs", preprocess_job, "--address", cluster.head.address).stdout
+    assert ray_lines(logs) == [], logs  # the job's output is dcml's own
     # dcml came from the uploaded py_module, not from this machine's install
     shipped = re.search(r"\[dcml\] job: preprocess with dcml from (\S+)", logs)[1]
     assert "runtime_resources" in shipped and str(REPO) not in shipped
@@ -223,6 +224,8 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     cluster.nodes.append(spare := Worker(cluster.tmp, cluster.head, 1, "worker-2-0"))
     status, logs = wait_job(cluster.client, job)
     assert status == JobStatus.FAILED, logs[-3000:]
+    # why, in dcml's one line (DCML_DEBUG=1 shows the traceback)
+    assert "\nerror: " in logs and "Traceback" not in logs, logs[-3000:]
 
     wait_until_gone(cluster.head, lost.node_id)  # the cluster has seen the node go
     cluster.worker = add_worker(cluster.tmp, cluster.head, 1, "worker-2", started=spare)
@@ -234,11 +237,19 @@ def test_training_spreads_over_both_nodes_and_a_run_that_lost_a_node_resumes_whe
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "lost-node is stored: resuming it" in logs
     assert "epoch 1/8" not in logs  # epoch 0 was not trained again
+    assert "\nepoch 8/8 train_loss=" in logs and ray_lines(logs) == [], logs[-3000:]
     assert epochs_in_history(s3_store, "lost-node") == list(range(8))
     models = s3_store.storage.path("models", "breast_cancer")
     assert "1" in s3_store.storage.ls(models)  # registered, on S3
     # dcml came with the job (a py_module) here too
     assert "runtime_resources" in re.search(r"\[dcml\] job: train with dcml from (\S+)", logs)[1]
+
+
+def ray_lines(logs: str) -> list[str]:
+    """Ray's own lines in a job's output: its workers' and raylet's (forwarded with a prefix),
+    its warnings and tracebacks, Ray Data's bars. dcml shows none at its default verbosity."""
+    ray_own = ("pid=", "core_worker", "(raylet)", "WARNING", "Traceback", "Running Dataset")
+    return [line for line in logs.splitlines() if any(r in line for r in ray_own)]
 
 
 def serve_cli(cluster, *args: str) -> subprocess.CompletedProcess:

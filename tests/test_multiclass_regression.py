@@ -51,6 +51,8 @@ def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
     assert mv.meta["model_spec"]["n_outputs"] == 4
     assert mv.meta["metrics"]["test_accuracy"] > 0.85
     assert mv.meta["metrics"]["test_macro_f1"] > 0.85
+    shares = mv.meta["reference_predictions"]["frequencies"]  # of the predicted classes
+    assert set(shares) == set(dv.manifest["classes"]) and sum(shares.values()) == pytest.approx(1)
 
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
@@ -96,6 +98,7 @@ def test_regression_trains_and_predicts_values(tmp_path):
     assert {"epoch", "train_loss", "val_rmse", "val_r2", "lr"} <= set(lines[0].split(","))
     assert len(lines) - 1 == outcome.metrics["epoch"] + 1
     assert mv.meta["metrics"]["test_r2"] > 0.9
+    assert mv.meta["reference_predictions"]["kind"] == "value"
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
     err = np.array([a["value"] for a in answers]) - np.array([r["label"] for r in rows])

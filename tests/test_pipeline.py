@@ -38,6 +38,10 @@ def test_served_model_answers_over_http_and_meets_the_quality_bar(pipeline):
     assert result.model.meta["metrics"]["test_roc_auc"] >= 0.98
     # the test twin of every metric train.metric can select is stored, for the promotion gate
     assert 0 < result.model.meta["metrics"]["test_loss"] < 1
+    # what the version predicted on its test split, for `dcml monitor`
+    reference = result.model.meta["reference_predictions"]
+    assert reference["kind"] == "probability" and reference["cdf"][-1] == 1.0
+    assert reference["rows"] == result.dataset.manifest["rows"]["test"]
     text = "\n".join(lines)
     assert "tuning results" in text and "served model on the test split" in text
     assert "validation gate passed" in text

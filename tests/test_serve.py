@@ -97,7 +97,9 @@ def test_concurrent_requests_are_batched_and_equal_the_offline_predictor(served)
 
     meta = requests.get(f"{url}/metadata", headers=AUTH, timeout=10).json()
     assert (meta["model"], meta["version"], meta["alias"]) == ("bc", 1, "production")
-    assert set(meta["schema"]["properties"]) == set(rows[0])
+    # every input, plus an optional id that answers and the prediction log carry
+    assert set(meta["schema"]["properties"]) == {*rows[0], "id"}
+    assert set(meta["schema"]["required"]) == set(rows[0])
     assert meta["metrics"]["test_roc_auc"] > 0.9
     assert requests.get(f"{url}/readyz", timeout=10).json()["model_version"] == "bc@1"
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()

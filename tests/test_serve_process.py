@@ -12,7 +12,9 @@ from collections import Counter
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
+from dcml.prediction_log import read_log
 from dcml.storage import Storage
 
 from .conftest import free_port, register_tiny_model
@@ -57,10 +59,14 @@ def test_dcml_serve_listens_on_loopback_and_a_sigterm_drains_the_requests_in_fli
         "serve.batch_wait_s": 1,
         "serve.max_batch_size": 10_000,
         "serve.reload_s": 0,
+        # every record logged, written when the replica stops (not before)
+        "serve.log_fraction": 1,
+        "serve.log_flush_s": 600,
     }
     # its own Ray, HAProxy and ports: nothing of the session Ray's that this process may hold
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
-    env["RAY_enable_metrics_collection"] = "0"
+    env["RAY_enable_metrics_collection"] = "1"  # the session's Ray turns them off
+    env["RAY_metrics_report_interval_ms"] = "300"  # replicas report every 10 s by default
     command = [str(BIN / "dcml"), "serve", ref]
     for k, v in settings.items():
         command += ["--set", f"{k}={v}"]
@@ -86,13 +92,19 @@ def test_dcml_serve_listens_on_loopback_and_a_sigterm_drains_the_requests_in_fli
         assert ("127.0.0.1", port, "haproxy") in found, found
         assert [f for f in found if f[2] == "haproxy" and not loopback(f[0])] == []
         exposed = [f for f in found if not loopback(f[0])]
+        metrics = next(line.split()[-1] for line in lines if line.startswith("metrics "))
+        metrics_port = int(metrics.rsplit(":", 1)[1].split("/")[0])
         for _, p, name in exposed:
-            ray_metrics = name == "python" and p in RAY_METRICS_PAGES
+            ray_metrics = name == "python" and p in {*RAY_METRICS_PAGES, metrics_port}
             assert name.startswith(RAY_GRPC) or ray_metrics, exposed
             assert p != port and p not in DIRECT_INGRESS, exposed
         assert any(p in DIRECT_INGRESS and loopback(a) for a, p, _ in found), found
 
         url = f"http://127.0.0.1:{port}/predict"
+        known = send_known_requests(url)
+        scraped = scrape_until(f"http://127.0.0.1:{metrics_port}/metrics", known, deadline)
+        assert scraped == known, (scraped, known)
+
         calls: list[tuple[float, float, object]] = []  # (sent, answered, status or error)
 
         def client() -> None:
@@ -131,3 +143,58 @@ def test_dcml_serve_listens_on_loopback_and_a_sigterm_drains_the_requests_in_fli
     after = "".join(lines).split("Ctrl-C stops\n", 1)[1]
     assert after.startswith("stopping: "), after
     assert "Traceback" not in after and "SIGTERM" not in after, after
+    # dcml's lines only: not Ray's token-auth warning, Serve's banner or the raylet's notes
+    ray_own = ("WARNING", "ServeController", "core_worker", "(raylet)", "pid=", "Traceback")
+    assert [line for line in lines if any(r in line for r in ray_own)] == [], lines
+
+    # every record answered, logged when its replica stopped: the known ones with their ids
+    logged = read_log(storage, "cat", 1)
+    answered = known[("dcml_records_scored_total", ())] + sum(s == 200 for *_, s in calls)
+    assert logged.num_rows == answered, (logged.num_rows, answered)
+    ids = [i for i in logged.column("id").to_pylist() if i]
+    assert sorted(ids) == ["k0", "k1", "k2"], ids
+
+
+def send_known_requests(url: str) -> dict:
+    """Requests whose metrics are known: three records with ids, one list of two (a missing x,
+    an unseen and a missing color), one invalid; the counts the metrics must reach."""
+    for i in range(3):
+        answer = requests.post(url, json={"id": f"k{i}", "x": 1.0, "color": "red"}, timeout=30)
+        assert answer.json()["predictions"][0]["id"] == f"k{i}"
+    pair = [{"x": None, "color": "green"}, {"x": 2.0, "color": None}]
+    assert requests.post(url, json=pair, timeout=30).status_code == 200
+    assert requests.post(url, json={"x": "high", "color": "red"}, timeout=30).status_code == 422
+    return {
+        ("dcml_requests_total", (("code", "200"),)): 4,
+        ("dcml_requests_total", (("code", "422"),)): 1,
+        ("dcml_request_latency_ms_count", ()): 5,
+        ("dcml_batch_records_count", ()): 4,
+        ("dcml_records_scored_total", ()): 5,
+        ("dcml_missing_values_total", (("column", "color"),)): 1,
+        ("dcml_missing_values_total", (("column", "x"),)): 1,
+        ("dcml_unknown_categories_total", (("column", "color"),)): 1,
+    }
+
+
+def scrape_until(url: str, expected: dict, deadline: float) -> dict:
+    """The served model's metrics from Ray's Prometheus endpoint, once they reach `expected`
+    (replicas report them every few hundred ms here), by name and the labels named there."""
+    while True:
+        found: dict = {}
+        for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+            for sample in family.samples:
+                name = sample.name.removeprefix("ray_")
+                if not name.startswith("dcml_") or sample.labels.get("model") != "cat":
+                    continue
+                assert sample.labels["version"] == "1" and sample.labels["application"] == "dcml"
+                keep = tuple((k, v) for k, v in sorted(sample.labels.items()) if k in LABELS)
+                found[(name, keep)] = found.get((name, keep), 0) + sample.value
+        got = {k: found.get(k) for k in expected}
+        if got == expected or time.time() > deadline:
+            classes = sum(v for (n, _), v in found.items() if n == "dcml_predictions_total")
+            assert classes == expected[("dcml_records_scored_total", ())], found
+            return got
+        time.sleep(0.3)
+
+
+LABELS = {"code", "column", "class"}

@@ -125,6 +125,12 @@ def test_a_run_survives_a_killed_worker_and_resumes_by_run_id_after_its_driver_d
         proc.wait()
     done_before = checkpoint_epochs(run_dir)
     assert killed_at + 2 <= len(done_before) < epochs, done_before
+    # the rank-0 worker's epoch lines, printed as the driver's own; none of Ray's own output
+    # (its C++ logs, Ray Data's bars in the workers, the raylet's note of the killed worker)
+    shown = (tmp_path / "dcml.log").read_text().splitlines()
+    assert any(line.startswith(f"epoch 1/{epochs} train_loss=") for line in shown), shown
+    ray_own = ("pid=", "core_worker", "(raylet)", "WARNING", "Warning", "Traceback", "Dataset")
+    assert [line for line in shown if any(r in line for r in ray_own)] == [], shown
     # the restart went on from a checkpoint: epoch 0 ran (and was checkpointed) once
     assert done_before.count(0) == 1, done_before
 

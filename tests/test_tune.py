@@ -202,6 +202,12 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
         proc.wait()
     before = trial_checkpoints(sweep)
     finished = [t for t, c in before.items() if len(c) == epochs]
+    # a line per trial that ended (no terminal: no table redrawn), and none of Ray's own output
+    shown = (tmp_path / "dcml.log").read_text().splitlines()
+    ended = [line for line in shown if line.startswith("trial ")]
+    assert ended and all(f"finished after {epochs} epoch(s): " in line for line in ended), shown
+    ray_own = ("pid=", "core_worker", "(raylet)", "WARNING", "Warning", "Traceback", "Dataset")
+    assert [line for line in shown if any(r in line for r in ray_own)] == [], shown
     # one trial or two are done (trial processes are reused: a short trial can end between two
     # saves of Tune's state), and the next was interrupted mid-run
     assert 1 <= len(finished) <= 2 and len(before) == len(finished) + 1, before

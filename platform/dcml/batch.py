@@ -20,14 +20,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from dcml import registry
 from dcml.config import PipelineConfig
+from dcml.console import Progress
 from dcml.data.errors import data_errors_as_raised
 from dcml.data.sources import resolve_files
+from dcml.prediction_log import publish, staging_folder
 from dcml.predictor import Predictor
 from dcml.scoring import REJECTS, BatchScorer, Output, Unit, plan_units, score_unit
 from dcml.storage import Commit, Storage, require_new_output
@@ -63,21 +65,19 @@ def score_locally(
         torch.set_num_threads(max(1, torch_threads // threads))
     digits = _digits(units)
     entries: list[dict] = []
-    started = last = time.monotonic()
+    part = "file" if all(groups is None for _, groups in units) else "part"
     pool = ThreadPoolExecutor(threads, thread_name_prefix="dcml-predict")
     try:
         pending = {
             pool.submit(score_unit, scorer, job, u, n, stop, digits) for n, u in enumerate(units)
         }
-        while pending:
-            done, pending = wait(pending, timeout=10, return_when=FIRST_EXCEPTION)
-            for future in done:
-                entries += future.result()  # a failed unit raises here
-            if pending and time.monotonic() - last >= 10:
-                last = time.monotonic()
-                rows = sum(e.get("rows", 0) + e.get("rejected", 0) for e in entries)
-                rate = rows / (last - started)
-                log(f"scored {rows:,} rows ({rate:,.0f} rows/s); {len(pending)} file(s) to go")
+        with Progress("scoring", parts=len(units), part=part, log=log) as bar:
+            while pending:
+                done, pending = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
+                for future in done:
+                    found = future.result()  # a failed unit raises here
+                    entries += found
+                    bar.update(sum(e.get("rows", 0) + e.get("rejected", 0) for e in found))
     finally:
         stop.set()  # on an error or Ctrl-C: the other threads stop at their next batch
         try:
@@ -125,7 +125,14 @@ def _score_units(batch: dict[str, np.ndarray], *args) -> dict[str, np.ndarray]:
 
 
 def score_with_ray(
-    cfg: PipelineConfig, storage, mv, options: dict, gpu: bool, job: Output, units: list[Unit]
+    cfg: PipelineConfig,
+    storage,
+    mv,
+    options: dict,
+    gpu: bool,
+    job: Output,
+    units: list[Unit],
+    log: Callable[[str], None] = lambda _: None,
 ) -> list[dict]:
     import ray
 
@@ -143,8 +150,12 @@ def score_with_ray(
             )
         else:
             ds = ds.map_batches(_score_units, fn_args=args, batch_size=1)
-        written = ds.take_all()
-    return [json.loads(w["entry"]) for w in written]
+        entries = []
+        with Progress("scoring", log=log) as bar:  # one row per output file
+            for row in ds.iter_rows():
+                entries.append(json.loads(row["entry"]))
+                bar.update(entries[-1].get("rows", 0) + entries[-1].get("rejected", 0), 0)
+    return entries
 
 
 def predict_batch(
@@ -179,7 +190,10 @@ def predict_batch(
     where = input_uri if "://" in input_uri else os.path.abspath(input_uri)  # meaningful later
     meta = {"kind": "predictions", "model": mv.ref, "input": where, "engine": engine}
     commit = Commit(out, out.root)
-    job = Output(fs, fmt, out, commit.base, cfg.predict.batch_size)
+    # sampled rows wait under a staging folder, and join the log once the output is committed
+    staged = staging_folder(storage, mv.name, mv.version, commit.prefix)
+    fraction = cfg.predict.log_fraction
+    job = Output(fs, fmt, out, commit.base, cfg.predict.batch_size, storage, fraction, staged)
     try:
         if engine == "local":
             import torch
@@ -195,18 +209,37 @@ def predict_batch(
         else:
             BatchScorer(Predictor.from_storage(storage, mv.path), **options)  # options, early
             units = plan_units(fs, files, fmt, _cluster_slots(cfg, gpu, gpu_field))
-            entries = score_with_ray(cfg, storage, mv, options, gpu, job, units)
+            entries = score_with_ray(cfg, storage, mv, options, gpu, job, units, log)
         summary = commit_predictions(commit, entries, meta)
     except FileExistsError as e:  # another run wrote this output first
+        _discard(storage, staged, fraction)
         commit.abort()
         raise FileExistsError(
             f"output {output_uri} exists; predictions never overwrite data"
         ) from e
     except BaseException:
+        _discard(storage, staged, fraction)
         commit.abort()
         raise
+    if fraction:
+        try:
+            summary["logged_files"] = publish(storage, staged)
+        except Exception as e:  # the predictions stand; their sample stays staged
+            log(
+                f"warning: prediction log: the sample was not published ({e}); it stays in {staged}"
+            )
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _discard(storage, staged: str, fraction: float) -> None:
+    """Remove a failed run's staged log samples (best effort: what a crash leaves under
+    `_staged/` is never read as the log)."""
+    if fraction:
+        try:
+            storage.remove(staged)
+        except Exception:
+            pass
 
 
 def described(manifest: dict, output: str) -> str:

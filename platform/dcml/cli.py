@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import typer
 
+from dcml import console
 from dcml.cli_catalog import data_app, gc, models_app
 from dcml.cli_common import ConfigArg, ConfigOpt, SetOpt, config_of
 from dcml.config import ConfigError, PipelineConfig, load_config
@@ -27,8 +28,32 @@ app.command()(gc)
 USER_ERRORS = (ConfigError, LookupError, OSError, ValueError, RuntimeError)
 
 
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Show Ray's own output too: its logs, warnings, progress bars and banners "
+        "(DCML_LOG=debug does the same). By default only dcml's lines and progress show.",
+    ),
+) -> None:
+    console.enable(verbose=verbose)
+
+
 def _log(msg: str) -> None:
     typer.echo(msg)
+
+
+def _quiet_ray() -> None:
+    """Ray's loggers in this process at ERROR unless -v, for a command that uses Ray without
+    starting or joining it (`connect` sets them by cluster.quiet)."""
+    if not console.verbose():
+        import logging
+
+        import ray  # noqa: F401  (sets its loggers' levels on import)
+
+        logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -124,11 +149,15 @@ def serve(
 ):
     """Serve a model version over HTTP on Ray Serve until interrupted."""
     from dcml.cluster import connect
-    from dcml.serving import deploy
+    from dcml.serving import deploy, metrics_url
 
     cfg = config_of(config, set_)
     connect(cfg.cluster)
     url = deploy(cfg, model)
+    if cfg.serve.metrics and (metrics := metrics_url()):
+        typer.echo(f"metrics (Prometheus): {metrics}")
+    if cfg.serve.log_fraction:
+        typer.echo(f"logging {cfg.serve.log_fraction:.0%} of records for `dcml monitor {model}`")
     typer.echo(f"serving {model} at {url}/predict (docs at {url}/docs); Ctrl-C stops")
     _block(cfg)
     _shutdown(cfg)
@@ -153,6 +182,63 @@ def predict(
 
 
 @app.command()
+def monitor(
+    model: str = typer.Argument(..., help="NAME@ALIAS, NAME@VERSION or NAME."),
+    since: str | None = typer.Option(
+        None, help="Traffic from this long ago (30m, 24h, 7d) or this date; default monitor.since."
+    ),
+    labels: str | None = typer.Option(
+        None, help="URI of a file of id,label (CSV, Parquet, JSON Lines): live metrics."
+    ),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Compare logged traffic (serve.log_fraction) with the training data: PSI, KS, missing and
+    unseen values per feature, the predictions' shift, and with --labels the live metrics. Writes
+    an HTML page; exits 3 when a monitor.* threshold is crossed."""
+    import dcml.monitor as watch
+    from dcml.registry import resolve_model
+    from dcml.storage import Storage
+
+    cfg = config_of(config, set_)
+    storage = Storage.from_config(cfg)
+    mv = resolve_model(storage, model)
+    truth = _read_labels(labels, cfg) if labels else None
+    since_t = watch.parse_since(since or cfg.monitor.since)
+    result = watch.monitor(storage, mv, model, cfg.monitor, since_t, truth, labels or "")
+    typer.echo(f"{mv.ref} ({model}): {watch.window(result)}")
+    for note in (result.note, result.labels_note):
+        if note:
+            typer.echo(note)
+    if result.checks:
+        typer.echo(result.table())
+    try:
+        typer.echo(f"page: {watch.write_page(storage, result, cfg.monitor)}")
+    except OSError as e:  # the verdict still stands, and so does its exit code
+        typer.echo(f"warning: the page could not be written: {e}", err=True)
+    if result.flagged:
+        names = sorted({f"{c.subject} ({c.check})" for c in result.flagged})
+        typer.echo(f"drift: {', '.join(names)}")
+        raise typer.Exit(3)
+
+
+def _read_labels(uri: str, cfg: PipelineConfig):
+    """A labels file (id, label) by URI, in any format dcml reads."""
+    import fsspec
+
+    from dcml.data.sources import format_of, read_file
+
+    options = cfg.data.storage_options or cfg.storage.storage_options
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--labels: no file at {uri}")
+    fmt = format_of(path)
+    if fmt is None:
+        raise ValueError(f"--labels: {uri} is not .csv, .parquet or .jsonl")
+    return read_file(fs, path, fmt, text_columns=["id"])
+
+
+@app.command()
 def submit(
     config: Path = typer.Argument(..., help="Pipeline config (YAML), inside the repository."),
     stage: str = typer.Option("pipeline", help="pipeline, preprocess, train or tune."),
@@ -171,6 +257,7 @@ def submit(
     from dcml.train.trainer import new_run_id
 
     load_config(config, set_ or [])  # a bad config fails here, not on the cluster
+    _quiet_ray()  # the job client's notes on what the upload leaves out
     address = address or "http://127.0.0.1:8265"
     if stage in ID_FLAGS:
         run_id = run_id or new_run_id(stage if stage == "train" else "sweep")
@@ -233,13 +320,53 @@ def main(argv: list[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):
         _shutdown()
         return 130
-    except USER_ERRORS as e:
-        if os.environ.get("DCML_DEBUG"):
+    except Exception as e:
+        message = error_message(e)
+        if os.environ.get("DCML_DEBUG") or message is None:
             raise
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {message}", err=True)
         _shutdown()
         return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        console.enable(False)
     return result if isinstance(result, int) else 0
+
+
+def error_message(e: Exception) -> str | None:
+    """The one line `error:` prints, or None for a traceback (an error that is not the user's).
+    An error raised in a Ray task or a training worker comes back wrapped, its text the remote
+    traceback: its own error is named instead (DCML_DEBUG=1 shows the traceback)."""
+    if failures := getattr(e, "worker_failures", None):  # ray.train.WorkerGroupError
+        # the cause first: a worker's own error, not another's lost connection to that worker
+        rank = min(failures, key=lambda r: (_collective(failures[r]), r))
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        return f"training worker {rank} failed{more}: {_named(failures[rank])}"
+    if failure := getattr(e, "controller_failure", None):  # ray.train.ControllerError
+        return f"training failed: {_named(failure)}"
+    ray_errors = sys.modules.get("ray.exceptions")
+    if ray_errors is not None and isinstance(e, ray_errors.RayError):
+        return _named(e)
+    return str(e) if isinstance(e, USER_ERRORS) else None
+
+
+def _named(e: BaseException) -> str:
+    """A user's error by its message; any other with its type, and where to see the rest."""
+    ray_errors = sys.modules.get("ray.exceptions")
+    if ray_errors is not None and isinstance(e, ray_errors.RayError):
+        cause = getattr(e, "cause", None)  # RayTaskError: what the task raised
+        if isinstance(cause, BaseException) and not isinstance(cause, ray_errors.RayError):
+            return _named(cause)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = [line for line in lines[1:] if " because " in line][:1]  # an actor's death
+        return f"{type(e).__name__}: {' '.join(lines[:1] + why)} (DCML_DEBUG=1 shows more)"
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    return f"{type(e).__name__}: {console.last_line(str(e))} (DCML_DEBUG=1 shows the traceback)"
+
+
+def _collective(e: BaseException) -> bool:
+    """Whether a worker's error is its lost connection to another (gloo's, NCCL's)."""
+    return any(name in str(e).lower() for name in ("gloo", "nccl"))
 
 
 if __name__ == "__main__":

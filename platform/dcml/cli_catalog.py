@@ -76,12 +76,14 @@ def models_promote(
 ):
     """Point an alias (default: production) at a version; refused if the version's test metric
     is worse than the alias's current version's, unless --force."""
-    from dcml import registry
+    from dcml import registry, tracking
     from dcml.storage import Storage
 
-    storage = Storage.from_config(config_of(config, set_))
+    cfg = config_of(config, set_)
+    storage = Storage.from_config(cfg)
     before = registry.set_alias(storage, name, alias, version, force=force)
     typer.echo(f"{name}@{alias} -> {version}" + (f" (was {before})" if before else ""))
+    tracking.log_aliases(cfg, storage, name, typer.echo)
 
 
 @models_app.command("rollback")
@@ -92,11 +94,14 @@ def models_rollback(
     set_: list[str] | None = SetOpt,
 ):
     """Point an alias back at the version it had before its latest promotion."""
-    from dcml import registry
+    from dcml import registry, tracking
     from dcml.storage import Storage
 
-    version = registry.rollback(Storage.from_config(config_of(config, set_)), name, alias)
+    cfg = config_of(config, set_)
+    storage = Storage.from_config(cfg)
+    version = registry.rollback(storage, name, alias)
     typer.echo(f"{name}@{alias} -> {version} (rolled back)")
+    tracking.log_aliases(cfg, storage, name, typer.echo)
 
 
 @data_app.command("list")

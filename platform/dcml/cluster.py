@@ -9,12 +9,16 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
+import warnings
 
+from dcml import console
 from dcml.config_sections import ClusterConfig
 
 _owned: str | None = None  # "local" (we started Ray) or "joined" (we connected to a cluster)
+_quiet = True  # whether Ray's own output is hidden (console.quiet), as `connect` found it
 
 
 def prepare_env(cfg: ClusterConfig) -> None:
@@ -26,9 +30,11 @@ def prepare_env(cfg: ClusterConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if cfg.serve_ingress == "haproxy":
         _haproxy_env()
-    if cfg.quiet:
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if console.quiet(cfg.quiet):
+        # Ray Data logs a failed task's whole traceback (dcml reports the error itself); read
+        # again each time Ray Data sets up its logging, in this process and in the workers
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # dcml draws its own
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
@@ -138,7 +144,7 @@ def _free_port() -> int:
 
 def connect(cfg: ClusterConfig) -> None:
     """Start or join Ray once per process; later calls are no-ops."""
-    global _owned
+    global _owned, _quiet
     import ray
 
     if ray.is_initialized():
@@ -147,9 +153,11 @@ def connect(cfg: ClusterConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address, "cluster.address" if cfg.address else "RAY_ADDRESS")
+    quiet = _quiet = console.quiet(cfg.quiet)
     common = {
-        "logging_level": logging.WARNING if cfg.quiet else logging.INFO,
-        "log_to_driver": True,  # dcml's per-epoch progress is printed by the train workers
+        # ERROR: not even the token-auth notice that a new local Ray logs as a warning
+        "logging_level": logging.ERROR if quiet else logging.INFO,
+        "log_to_driver": True,  # dcml's per-epoch lines come from the train workers
     }
     if address:
         ray.init(address=address, **common)
@@ -158,9 +166,58 @@ def connect(cfg: ClusterConfig) -> None:
         # address="local" never attaches to another `ray start` cluster on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, **common)
         _owned = "local"
-    if cfg.quiet:
-        # A failed Ray Data task logs its whole traceback; dcml reports the error itself.
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    worker_output(dcml_only=quiet)
+    if quiet:
+        _quiet_driver()
+
+
+def _quiet_driver() -> None:
+    """What Ray itself prints in this process, beyond its loggers' level, off."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    # Ray's helpers warn about options they set themselves (Train's default ingest options)
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    # set up at import, before prepare_env: its level and progress bars again
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    # a failed trial's traceback, the trials that did not complete: dcml's trial lines name them
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    if "ray.data" in sys.modules:
+        from ray.data import DataContext
+
+        # the train workers get this context too: no Ray Data bars inside training
+        DataContext.get_current().enable_progress_bars = False
+
+
+DCML_TAG = "[dcml] "  # how the training loop's lines start (loop.py): kept, without the tag
+_HANDLER = "dcml_lines"
+
+
+def worker_output(dcml_only: bool) -> None:
+    """Which output of the workers, actors and raylets this process prints. Ray forwards all of it
+    to the driver (`log_to_driver`), and the raylet's notes too (a task retried, an actor killed at
+    shutdown). With `dcml_only`, only dcml's own lines ("[dcml] ...": the training loop's epochs)
+    are printed, as this process prints its lines; Ray's (its C++ logs, Ray Data's bars in train
+    workers, Serve's banner, the raylet's notes) stay in the session's log files. An error in a
+    worker still reaches dcml as an exception, which `dcml` reports. Ray 2.60's printing of
+    forwarded output is internal: in another version its own printing stays."""
+    try:
+        from ray._private import worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    if not hasattr(worker, "_worker_logs_enabled"):
+        return
+    dispatcher.remove_handler(_HANDLER)
+    worker._worker_logs_enabled = not dcml_only  # what Ray's printer checks (its debugger too)
+    if dcml_only:
+        dispatcher.add_handler(_HANDLER, _print_dcml_lines)
+
+
+def _print_dcml_lines(batch: dict) -> None:
+    sink = sys.stderr if batch.get("is_err") else sys.stdout
+    for line in batch.get("lines", ()):
+        if line.startswith(DCML_TAG):
+            print(line[len(DCML_TAG) :], file=sink, flush=True)
 
 
 def check_reachable(address: str, field: str, timeout: float = 5) -> None:
@@ -219,10 +276,11 @@ def shutdown(app: str | None = None) -> None:
         if _owned == "local":
             from ray import serve
 
-            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+            logging.getLogger("ray.serve").setLevel(logging.ERROR if _quiet else logging.WARNING)
             if app is not None:
                 serve.delete(app)
             serve.shutdown()
     finally:
         ray.shutdown()
         _owned = None
+        worker_output(dcml_only=False)

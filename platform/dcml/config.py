@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,8 @@ def public_dump(cfg: PipelineConfig) -> dict[str, Any]:
     raw = cfg.model_dump(mode="json")
     for section, name in SECRETS:
         raw[section].pop(name, None)
+    if uri := raw["tracking"]["mlflow_uri"]:  # http://user:password@host: keep only the host
+        raw["tracking"]["mlflow_uri"] = re.sub(r"^([a-z+]+://)[^/@]*@", r"\1", uri)
     return raw
 
 

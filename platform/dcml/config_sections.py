@@ -37,7 +37,11 @@ class ClusterConfig(_Section):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs for the embedded local Ray; None uses all cores."
     )
-    quiet: bool = Field(True, description="Hide Ray's own logs; show only dcml's progress.")
+    quiet: bool = Field(
+        True,
+        description="Hide Ray's own logs; show only dcml's progress (`dcml -v` or DCML_LOG=debug "
+        "show them whatever this says).",
+    )
     serve_ingress: Literal["haproxy", "proxy"] = Field(
         "haproxy",
         description="HTTP ingress of a Ray that dcml starts: 'haproxy' (HAProxy routes straight "
@@ -407,6 +411,13 @@ class PredictConfig(_Section):
         None, ge=1, description="Threads of the local engine; None: cluster.num_cpus, else cores."
     )
     batch_size: int = Field(65_536, ge=1, description="Rows per model call.")
+    log_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of scored rows also stored in the prediction log "
+        "(predictions/<model>/<version>/, read by `dcml monitor`); 0: none.",
+    )
     use_gpu: bool | None = Field(
         None,
         description="Score on a GPU (each Ray Data task takes one); None: as train.use_gpu.",

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.routing import Route
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from dcml.data.transforms import Preprocessor
 from dcml.predictor import Predictor
@@ -34,10 +35,14 @@ def record_type(pre: Preprocessor, unknown_categories: str = "bucket") -> type:
     """A request record (a TypedDict): every input column by name, nothing else. Numbers are
     finite; text is a category (with unknown_categories="reject", one seen in training). null is a
     missing value, imputed as in training where training imputed that column (a column whose
-    missing rows were dropped in training must be sent)."""
+    missing rows were dropped in training must be sent). An optional `id` (text or an integer)
+    is not a feature: the answer and the prediction log carry it, to join labels later."""
     finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
     text = Annotated[str, Field(strict=True, max_length=1024)]
     fields: dict[str, Any] = {}
+    if "id" not in pre.inputs:
+        text_id = Annotated[str, Field(strict=True, max_length=256)]
+        fields["id"] = NotRequired[text_id | Annotated[int, Field(strict=True)] | None]
     for name in pre.numeric:
         fields[name] = finite if pre.fill[name] is None else finite | None
     for name in pre.categorical:
@@ -140,13 +145,22 @@ class PredictEndpoint:
     """`POST /predict` as a bare ASGI app: one record or a non-empty list, validated by
     pydantic-core straight from the request's bytes, answered with pre-encoded JSON."""
 
-    def __init__(self, source: Any, body_type: TypeAdapter, limit: int, token: BearerToken):
+    def __init__(
+        self,
+        source: Any,
+        body_type: TypeAdapter,
+        limit: int,
+        token: BearerToken,
+        observe: Callable[[int, float], None] | None = None,
+        answered: Callable[[list, list], None] | None = None,
+    ):
         self.source, self.body_type, self.limit = source, body_type, limit
-        self.token = token
+        self.token, self.observe, self.answered = token, observe, answered
         self.unauthorized = _json(401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
         self.too_large = _json(413, {"detail": f"request body over {limit} bytes"})
 
     async def __call__(self, scope, receive, send) -> None:
+        start = time.perf_counter()
         if scope["method"] != "POST":
             status, body, headers = _json(405, {"detail": "use POST"}, [(b"allow", b"POST")])
         else:
@@ -161,6 +175,8 @@ class PredictEndpoint:
         head = [(b"content-type", b"application/json"), (b"content-length", length), *headers]
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": body})
+        if self.observe is not None:
+            self.observe(status, time.perf_counter() - start)
 
     def authorized(self, authorization: bytes) -> bool:
         """Whether an Authorization header value carries the token (any, when none is set)."""
@@ -196,6 +212,11 @@ class PredictEndpoint:
                 loc += (e["field"],) if e["field"] else ()
                 detail.append({"field": _field_name(loc), "loc": list(loc), "msg": e["msg"]})
             return _json(422, {"detail": detail})
+        for row, a in zip(rows, answers):
+            if "id" in row:
+                a["id"] = row["id"]
+        if self.answered is not None:
+            self.answered(rows, answers)
         content = {"predictions": answers, "model_version": answers[0]["model_version"]}
         return _json(200, content, [(BATCH_SIZE_HEADER.encode(), str(batch_size).encode())])
 
@@ -285,10 +306,14 @@ def build_http_app(
     auth_token: str | BearerToken | None,
     model_ref: str = "",
     unknown_categories: str = "bucket",
+    observe: Callable[[int, float], None] | None = None,
+    answered: Callable[[list, list], None] | None = None,
 ) -> FastAPI:
     """The app around a model source: a Predictor, or anything with a current `predictor` and an
     async `predict(rows) -> (answers, batch size)` (a Serve replica, which batches and may switch
-    versions; the batch size is the records predicted in the call that answered these rows)."""
+    versions; the batch size is the records predicted in the call that answered these rows).
+    `observe(status, seconds)` is called after each /predict answer, `answered(records,
+    answers)` after each one answered 200."""
     if isinstance(source, Predictor):
         source = LocalModel(source)
     pre = source.predictor.preprocessor
@@ -301,7 +326,7 @@ def build_http_app(
     schemas = body_schema.pop("$defs")
     request_body = {"required": True, "content": {"application/json": {"schema": body_schema}}}
     token = auth_token if isinstance(auth_token, BearerToken) else BearerToken(auth_token)
-    endpoint = PredictEndpoint(source, body_type, max_request_bytes, token)
+    endpoint = PredictEndpoint(source, body_type, max_request_bytes, token, observe, answered)
     app = ModelApp(
         endpoint,
         title="dcml model server",

@@ -8,6 +8,8 @@ the one way weights are read.
                                         trials/<trial>/ and trials.csv/.parquet
     models/<name>/<N>/                  _claim.json, model.safetensors, model.json
     models/<name>/aliases/<alias>/      <seq>.json, one per promotion or rollback
+    predictions/<name>/<N>/date=<day>/  the prediction log: part-*.parquet, each created whole
+    monitoring/<name>/<N>/              `dcml monitor`'s pages, <time>.html
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def model_folder(storage: Storage, name: str = "", version: int | str = "") -> s
 
 def alias_folder(storage: Storage, name: str, alias: str = "") -> str:
     return storage.path("models", name, "aliases", alias)
+
+
+def prediction_log_folder(
+    storage: Storage, name: str, version: int | str = "", day: str = ""
+) -> str:
+    return storage.path("predictions", name, str(version), f"date={day}" if day else "")
+
+
+def monitoring_folder(storage: Storage, name: str, version: int | str) -> str:
+    return storage.path("monitoring", name, str(version))
 
 
 def read_weights(storage: Storage, folder: str) -> bytes:

@@ -20,13 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dcml import registry
+from dcml import registry, tracking
 from dcml.cluster import connect
 from dcml.config import PipelineConfig, public_dump, with_overrides, with_secrets
 from dcml.data.catalog import DatasetVersion, read_split_numpy, require_dataset, resolve_dataset
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
 from dcml.data.preprocess import preprocess
+from dcml.data.reference import prediction_reference
 from dcml.direction import best_by
 from dcml.layout import META, RUN_JSON, read_weights, run_folder
 from dcml.predictor import Predictor
@@ -110,6 +111,7 @@ def stage_train(
         f"worker(s), {cfg.train.epochs} epochs, run {run_id}"
     )
     outcome = fit(cfg, storage, dataset, run_id)
+    tracking.log_training(cfg, storage, run_id, log)
     test = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
     log(
         f"best checkpoint: epoch {outcome.metrics['epoch'] + 1}, "
@@ -135,6 +137,7 @@ def stage_tune(
     sweep_id = sweep_id or new_run_id("sweep")
     dataset = _open_run(cfg, storage, sweep_id, dataset_ref, resume, "tune")
     outcome = sweep(cfg, storage, dataset, sweep_id, log, resume)
+    tracking.log_sweep(cfg, storage, sweep_id, log)
     table = format_trials(outcome.trials, cfg.train.metric, list(cfg.tune.space))
     log(
         f"tuning results (best first):\n{table}\n"
@@ -176,6 +179,9 @@ def stage_register(
     task = dataset.manifest["task"]
     loss_fn = loss_of(cfg, dataset.manifest)
     meta["metrics"] = evaluate(predictor.model, torch.as_tensor(x), y, task, loss_fn, "test_")
+    # what `dcml monitor` compares served predictions with
+    outputs = predictor.predict_features(x)
+    meta["reference_predictions"] = prediction_reference(task, outputs, predictor.classes)
     test = {k.removeprefix("test_"): v for k, v in meta["metrics"].items()}
     mv = registry.register(storage, cfg.name, checkpoint_path, meta)
     log(f"registered model {mv.ref} at {storage.to_uri(mv.path)}: test {format_metrics(test)}")
@@ -185,6 +191,7 @@ def stage_register(
             log(f"{cfg.name}@{alias} -> {mv.version}")
         except registry.PromotionRefused as e:  # the alias keeps its better version
             log(f"warning: {e}")
+    tracking.log_registration(cfg, storage, mv, log)
     return mv
 
 
@@ -350,6 +357,7 @@ def run_pipeline(
         url=url,
         served_metrics=metrics,
     )
+    tracking.log_report(cfg, storage, trained.run_id, log)
     result = PipelineResult(dataset, model, url, metrics, shown, report)
     log(
         "outputs:\n"

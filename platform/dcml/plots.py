@@ -124,3 +124,17 @@ def trial_curves(curves: dict[str, tuple[list, list]], metric: str) -> bytes:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def drift_bars(name: str, bins: list[str], reference: np.ndarray, live: np.ndarray) -> bytes:
+    """The share of training and of served records in each bin of a feature (or prediction)."""
+    fig = _figure(7.0, 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(bins))
+    ax.bar(x - 0.2, reference, 0.4, label="training")
+    ax.bar(x + 0.2, live, 0.4, label="served")
+    ax.set_xticks(x, bins, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("share of records")
+    ax.set_title(name)
+    ax.legend()
+    return _png(fig)

@@ -150,10 +150,18 @@ class Predictor:
             rows.append({**row, "model_version": self.version})
         return rows
 
-    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def predict_records(
+        self, records: Sequence[Mapping[str, Any]], seen: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Answers for raw records. `seen` gets what the call saw: per column the missing values
+        and unseen categories (see Preprocessor.transform), and `outputs`, the model's outputs
+        of the rows it answered."""
         pre = self.preprocessor
         # one array for all numeric columns; None (missing) becomes NaN, imputed by the preprocessor
         matrix = np.array([[r[c] for c in pre.numeric] for r in records], dtype=np.float64)
         matrix = matrix.reshape(len(records), len(pre.numeric))
         columns = {c: [r[c] for r in records] for c in pre.categorical}
-        return self.answer(*self.score(pre.transform(columns, numeric=matrix)))
+        out, problems = self.score(pre.transform(columns, numeric=matrix, seen=seen))
+        if seen is not None:
+            seen["outputs"] = np.delete(out, list(problems), axis=0) if problems else out
+        return self.answer(out, problems)

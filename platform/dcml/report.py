@@ -345,6 +345,11 @@ def _image(storage: Storage, path: str, caption: str) -> str:
     data = _read_bytes(storage, path)
     if not data or not data.startswith(PNG):
         return f'<p class="muted">{_e(caption)}: no plot stored.</p>'
+    return _png_figure(data, caption)
+
+
+def _png_figure(data: bytes, caption: str) -> str:
+    """A PNG as a figure embedded in the page."""
     src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     return (
         f'<figure><img src="{src}" alt="{_e(caption)}">'

@@ -5,8 +5,11 @@ engines (dcml.batch) run these; so does benchmarks/gpu_check.py on a GPU."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
+import time
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +65,12 @@ class BatchScorer:
         return [c for c in self.columns if c not in names]
 
     def score(self, batch: pa.Table | pa.RecordBatch) -> tuple[pa.Table, pa.Table]:
+        return self.score_kept(batch)[:2]
+
+    def score_kept(
+        self, batch: pa.Table | pa.RecordBatch
+    ) -> tuple[pa.Table, pa.Table, np.ndarray | None]:
+        """`score`, and which rows of the batch the predictions are (None: all)."""
         p = self.predictor
         columns = {c: batch.column(c) for c in p.inputs}
         not_numbers: dict[int, dict[str, Any]] = {}
@@ -111,7 +120,27 @@ class BatchScorer:
         table["model_version"] = pa.repeat(pa.scalar(p.version), len(out))
         for name in self.passthrough:
             table[name] = kept(batch.column(name))
-        return pa.table(table), rejected
+        return pa.table(table), rejected, keep
+
+    def sampled(
+        self, batch, table: pa.Table, keep: np.ndarray | None, fraction: float, rng
+    ) -> pa.Table | None:
+        """A `fraction` of the scored rows with their inputs, as the prediction log holds them."""
+        from dcml.prediction_log import columns_table
+
+        picked = np.flatnonzero(rng.random(table.num_rows) < fraction)
+        if not len(picked):
+            return None
+        rows = pa.array(picked if keep is None else np.flatnonzero(keep)[picked])
+        p, inputs = self.predictor, {}
+        for c in p.inputs:
+            values = batch.column(c).take(rows)
+            numeric = c in p.preprocessor.numeric and not _is_number_type(values.type)
+            inputs[c] = numbers(values)[0] if numeric else values
+        outputs = table.select([*self.outputs, "model_version"]).take(pa.array(picked))
+        now = np.full(len(picked), time.time())
+        columns = {name: outputs.column(name) for name in outputs.column_names}
+        return columns_table(p, now, table.column("id").take(pa.array(picked)), inputs, columns)
 
 
 def _is_number_type(t: pa.DataType) -> bool:
@@ -179,6 +208,9 @@ class Output:
     out: Storage
     base: str  # the output's writer prefix
     batch_size: int
+    log: Storage | None = None  # the storage root whose prediction log samples rows
+    log_fraction: float = 0.0
+    log_folder: str | None = None  # where the samples wait for the output's commit
 
 
 def plan_units(fs, files: list[str], fmt: str, parallel: int) -> list[Unit]:
@@ -240,6 +272,8 @@ def score_unit(
     sinks: dict[str, _Sink] = {}
     writers: dict[str, pq.ParquetWriter] = {}
     counts = {"rows": 0, "rejected": 0}
+    logged: list[pa.Table] = []
+    rng = np.random.default_rng(zlib.crc32(f"{path}:{groups}".encode()))  # the same sample again
     with ExitStack() as files:
         for batch in _batches(scorer, job, path, groups):
             if stop is not None and stop.is_set():
@@ -247,9 +281,12 @@ def score_unit(
             if not batch.num_rows:
                 continue
             try:
-                tables = dict(zip(names, scorer.score(batch), strict=True))
+                table, rejected, keep = scorer.score_kept(batch)
             except (pa.ArrowException, ValueError, TypeError) as e:
                 raise DataError(f"{path}: cannot be scored: {e}") from e
+            if job.log_fraction and table.num_rows:
+                logged.append(scorer.sampled(batch, table, keep, job.log_fraction, rng))
+            tables = {"rows": table, "rejected": rejected}
             for kind, table in tables.items():
                 if table.num_rows:
                     if kind not in writers:
@@ -260,6 +297,13 @@ def score_unit(
                     counts[kind] += table.num_rows
         for writer in writers.values():
             writer.close()
+    if logged := [t for t in logged if t is not None]:
+        from dcml.prediction_log import write_log
+
+        try:  # the predictions stand without their sample in the log
+            write_log(job.log, scorer.predictor, pa.concat_tables(logged), job.log_folder)
+        except Exception as e:
+            logging.getLogger(__name__).warning("prediction log: %s not logged: %s", path, e)
     return [
         {"path": names[k], "bytes": s.bytes, "sha256": s.sha256.hexdigest(), k: counts[k]}
         for k, s in sinks.items()

@@ -82,6 +82,26 @@ class ServeConfig(_Section):
     auth_token_env: str | None = Field(None, description="Bearer token from this env variable.")
     auth_token_file: str | None = Field(None, description="Bearer token from this file, re-read.")
     demo_rows: int = Field(8, ge=0, description="`dcml run`: test rows sent over HTTP and shown.")
+    metrics: bool = Field(
+        True, description="Export the model's metrics (requests, latency, predictions) to Ray's."
+    )
+    log_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of served records stored with their predictions under "
+        "predictions/<model>/<version>/ (for `dcml monitor`); 0: none.",
+    )
+    log_flush_rows: int = Field(1000, ge=1, description="Prediction log: records per file.")
+    log_flush_s: float = Field(
+        60.0, gt=0, description="Prediction log: longest wait before writing what is sampled."
+    )
+    log_buffer_rows: int = Field(
+        100_000,
+        ge=1,
+        description="Prediction log: records a replica holds unwritten; past it, samples are "
+        "dropped (and counted), never waited for.",
+    )
 
     @model_validator(mode="after")
     def _one_token_source(self) -> ServeConfig:

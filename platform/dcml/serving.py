@@ -9,6 +9,7 @@ swaps it in between batches, so no request fails.
 import asyncio
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from ray import serve
 
 from dcml.data.transforms import Preprocessor
 from dcml.http_app import bearer_token, build_http_app, same_schema, token_digest
+from dcml.prediction_log import PredictionLog
 from dcml.predictor import Predictor
 from dcml.registry import ModelVersion, pointed_at, resolve_model
 from dcml.serve_config import ServeConfig
@@ -79,10 +81,26 @@ class ModelServer:
         self.inputs = inputs_of(self.pinned)
         self.lock = threading.Lock()  # one switch at a time: the follower's or reconfigure's
         self.predictor: Predictor | None = None
+        self.recent: dict[str, Predictor] = {}  # by version: the served one and the one before
         self.target: tuple[str, int] | None = None  # what `ref` resolved to at the last check
         self.refused: str | None = None  # the version `ref` points at, when its inputs differ
         self.switch()
         self.in_flight = 0  # requests in `predict`
+        self.metrics = None
+        if self.args.metrics:
+            from dcml.service_metrics import ServiceMetrics
+
+            self.metrics = ServiceMetrics()
+        a = self.args
+        on_drop = self.metrics.dropped if self.metrics else None
+        self.log = PredictionLog(
+            self.storage,
+            a.log_fraction,
+            a.log_flush_rows,
+            a.log_flush_s,
+            a.log_buffer_rows,
+            on_drop,
+        )
         self.predict_batch.set_max_batch_size(self.args.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_s)
         if self.args.reload_s > 0:
@@ -120,7 +138,10 @@ class ModelServer:
             self.predictor.meta.get("version"),
         )
         if switched:  # one assignment: a batch uses the old or the new, whole
+            old = self.predictor
             self.predictor = Predictor.from_storage(self.storage, mv.path, self.device)
+            # the previous version too: its last answers are logged after the switch
+            self.recent = {p.version: p for p in (old, self.predictor) if p is not None}
             log.info("now serving %s for %s", mv.ref, ref)
         self.target, self.refused = target, refused  # after loading: a failed load is retried
         return switched
@@ -148,8 +169,7 @@ class ModelServer:
     ) -> list[tuple[list[dict], int]]:
         """Requests' records predicted together in one vectorised call, then split back; each
         request also gets the batch's record count."""
-        predictor = self.predictor
-        answers = predictor.predict_records([row for rows in requests for row in rows])
+        answers = self.score(self.predictor, [row for rows in requests for row in rows])
         out, start = [], 0
         for rows in requests:
             out.append((answers[start : start + len(rows)], len(answers)))
@@ -172,19 +192,52 @@ class ModelServer:
                 if self.in_flight > 1:
                     return await self.predict_batch(rows)
                 # Alone: the batcher would only add its queue, tasks and metrics (~0.1 ms).
-                return self.predictor.predict_records(rows), len(rows)
+                return self.score(self.predictor, rows), len(rows)
             finally:
                 self.in_flight -= 1
         predictor = self.predictor
         answers: list[dict[str, Any]] = []
         for start in range(0, len(rows), limit):
-            answers += predictor.predict_records(rows[start : start + limit])
+            answers += self.score(predictor, rows[start : start + limit])
         return answers, limit
+
+    def score(self, predictor: Predictor, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One model call, counted in the metrics and sampled into the prediction log."""
+        seen: dict[str, Any] | None = {} if self.metrics else None
+        answers = predictor.predict_records(rows, seen)
+        if self.metrics:
+            self.metrics.scored(predictor, len(rows), seen)
+        return answers
+
+    def answered(self, rows: list[dict[str, Any]], answers: list[dict[str, Any]]) -> None:
+        """A /predict request answered 200: its records go to the prediction log (a 422'd
+        request's rows, though scored, were never answered)."""
+        version = answers[0]["model_version"]
+        self.log.add(self.recent.get(version, self.predictor), rows, answers)
+
+    def observe(self, status: int, seconds: float) -> None:
+        """A /predict request's answer (its status and time), for the metrics."""
+        if self.metrics:
+            self.metrics.request(self.predictor, status, seconds)
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: write what the log holds, and hand the
+        last counts to Ray."""
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.flush()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         a = self.args
         return build_http_app(
-            self, a.max_request_bytes, bearer_token(a), self.ref, a.unknown_categories
+            self,
+            a.max_request_bytes,
+            bearer_token(a),
+            self.ref,
+            a.unknown_categories,
+            observe=self.observe if self.metrics else None,
+            answered=self.answered if a.log_fraction else None,
         )
 
 
@@ -230,13 +283,15 @@ def serve_args(cfg, model_ref: str) -> dict[str, Any]:
 
 def deploy(cfg, model_ref: str) -> str:
     """Start Serve on the configured host/port, deploy the model, return its base URL."""
+    from dcml.console import quiet
     from dcml.registry import require_model, resolve_model
     from dcml.storage import Storage
 
     storage = Storage.from_config(cfg)
     require_model(storage, resolve_model(storage, model_ref))  # refused here, not in a replica
-    level = "WARNING" if cfg.cluster.quiet else "INFO"
-    logging.getLogger("ray.serve").setLevel(level)
+    level = "WARNING" if quiet(cfg.cluster.quiet) else "INFO"  # Serve's actors: their log files
+    # this process: not even Serve's warnings (a failed deployment raises, and dcml says so)
+    logging.getLogger("ray.serve").setLevel("ERROR" if level == "WARNING" else level)
     serve.start(
         http_options={"host": cfg.serve.host, "port": cfg.serve.port},
         logging_config={"log_level": level},
@@ -249,3 +304,17 @@ def deploy(cfg, model_ref: str) -> str:
     )
     prefix = cfg.serve.route_prefix.rstrip("/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}"
+
+
+def metrics_url() -> str | None:
+    """Where Ray exports this node's metrics, the served model's too, in Prometheus format
+    (None: Ray's metrics collection is off)."""
+    import ray
+
+    if os.environ.get("RAY_enable_metrics_collection", "1").lower() in ("0", "false"):
+        return None
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == here and node.get("MetricsExportPort", 0) > 0:
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dcml import console
 from dcml.config import PipelineConfig, with_values
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
@@ -178,6 +179,8 @@ def sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
+    from dcml.tune_progress import TrialProgress
+
     # Save the experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # Tune's newer console output prints a banner even at verbose=0; dcml prints its own table.
@@ -207,6 +210,8 @@ def sweep(
             {"cpu": TRIAL_CPU},
         )
     limit = concurrency(cfg)
+    # the trials as they report (a resumed sweep has the one stored with it)
+    progress = TrialProgress(metric, list(cfg.tune.space), cfg.tune.epochs, format_trials)
     if resume:
         tuner = tune.Tuner.restore(
             sweep_path,
@@ -251,6 +256,7 @@ def sweep(
                 storage_filesystem=storage.arrow_fs(),
                 checkpoint_config=checkpoints,
                 verbose=0,
+                callbacks=[progress],
             ),
         )
         log(
@@ -258,7 +264,10 @@ def sweep(
             f"({cfg.tune.num_samples} sample(s)), scheduler {cfg.tune.scheduler}, "
             f"{limit} trial(s) at once of {cfg.tune.workers_per_trial} worker(s)"
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        progress.board.close()
     return _collect(cfg, storage, sweep_id, grid)
 
 
@@ -328,8 +337,7 @@ def _best_kept(storage: Storage, result, metric: str, mode: str) -> tuple[float,
 
 
 def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else type(error).__name__
+    return console.last_line(str(error)) or type(error).__name__
 
 
 def _write_results(storage: Storage, sweep_path: str, trials, curves, cfg: PipelineConfig) -> None:
@@ -370,6 +378,7 @@ def _cell(value: Any) -> Any:
 
 
 def format_trials(trials: list[dict[str, Any]], metric: str, params: list[str]) -> str:
+    """The trials as a table: after a sweep, and redrawn while it runs (tune_progress)."""
     head = f"{'trial':<13}" + "".join(f"{p:>14}" for p in params)
     lines = [head + f"{'epochs':>8}{metric:>14}  status"]
     for t in trials:

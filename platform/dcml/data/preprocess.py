@@ -30,6 +30,7 @@ import ray.data
 from ray.data.expressions import col
 
 from dcml.config import PipelineConfig
+from dcml.console import Progress
 from dcml.data.catalog import DatasetVersion, find_version
 from dcml.data.clean import DROP_REASONS, DUPLICATE, KEEP, ReadAndClean, keep_rows, order_keys
 from dcml.data.columns import Columns, class_key, infer_columns
@@ -41,14 +42,13 @@ from dcml.data.transforms import (
     QUANTILE_SAMPLE,
     ds_to_tables,
     fit_preprocessor,
-    json_partials,
     sample_threshold,
 )
 from dcml.data.write import ShardTask, content_hash
 from dcml.layout import dataset_folder
 from dcml.storage import Commit, Storage
 
-FORMAT = 3  # of the stored layout; part of the fingerprint
+FORMAT = 4  # of the stored layout; part of the fingerprint (4: the training reference)
 
 
 def preprocess(cfg: PipelineConfig, storage: Storage, log=print) -> DatasetVersion:
@@ -92,7 +92,9 @@ def _build(
     ]
     blocks, surveys = zip(*tasks, strict=True)
     # in the files' order: of several bad files, the first is the one the error names
-    reasons, kept, labels, losers, sample = merge_surveys([ray.get(s) for s in surveys])
+    with Progress("reading", rows=rows or None, parts=len(files), log=log) as bar:
+        surveyed = _awaited(list(surveys), bar)
+    reasons, kept, labels, losers, sample = merge_surveys(surveyed)
     cleaned = ray.data.from_arrow_refs(list(blocks))
     n_raw = sum(reasons)
     if not n_raw:
@@ -143,7 +145,8 @@ def _build(
             cfg.seed,
         )
         written["commit"] = commit
-        parts = json_partials(cleaned, task)
+        what = "writing repaired shards" if repair else "writing shards"
+        parts = _written(cleaned, task, sum(kept.values()) - len(losers), what, log)
         shards = [s for p in parts for s in p["shards"]]
         commit.add([{k: s[k] for k in ("bytes", "sha256")} | {"path": s["name"]} for s in shards])
         for s in shards:  # names relative to the version folder, as the manifest lists them
@@ -205,6 +208,37 @@ def _build(
         + ", ".join(f"{s} {rows[s]}" for s in SPLITS)
     )
     return DatasetVersion(d.name, version, final, manifest)
+
+
+def _awaited(refs: list, bar: Progress) -> list:
+    """The files' surveys in the files' order (of several bad files, the error names the first),
+    each file's rows counted on `bar` as its survey arrives."""
+    got, pending = {}, refs
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        for ref in ready:
+            try:
+                got[ref] = ray.get(ref)
+            except Exception:  # raised again below, in the files' order
+                pending = []
+                break
+            bar.update(int(sum(got[ref]["reasons"])))
+    return [got[ref] if ref in got else ray.get(ref) for ref in refs]
+
+
+def _written(ds, task: ShardTask, rows: int, what: str, log) -> list[dict]:
+    """`transforms.json_partials(ds, task)`: the shards' task over every block, its results
+    parsed; each block's rows counted on a progress bar as its result arrives."""
+
+    def wrap(batch: pa.Table) -> pa.Table:
+        return pa.table({"partial": [json.dumps(task(batch))]})
+
+    parts = []
+    with Progress(what, rows=rows, log=log) as bar:
+        for row in ds.map_batches(wrap, batch_format="pyarrow", batch_size=None).iter_rows():
+            parts.append(json.loads(row["partial"]))
+            bar.update(sum(s["rows"] - s["augmented"] for s in parts[-1]["shards"]))
+    return parts
 
 
 def _schema(storage: Storage, folder: str, shards: list[dict]) -> dict[str, str]:

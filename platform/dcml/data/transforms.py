@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dcml.data.errors import DataError
+from dcml.data.reference import category_reference, numeric_reference
 
 STATE_VERSION = 2
 UNKNOWN = "<unknown>"
@@ -37,6 +38,9 @@ class Preprocessor:
     categories: dict[str, list[str]]  # known categories per categorical column
     encoding: str = "onehot"
     version: int = STATE_VERSION
+    # the training split's distributions (dcml.data.reference), for `dcml monitor`; None in
+    # states written before it existed
+    reference: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def inputs(self) -> list[str]:
@@ -76,23 +80,35 @@ class Preprocessor:
                 f"preprocessor state version {state.get('version')!r} is not supported "
                 f"(this dcml reads version {STATE_VERSION})"
             )
-        return cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: state[k] for k in cls.__dataclass_fields__ if k in state})
 
     def transform(
-        self, columns: Mapping[str, Any], numeric: np.ndarray | None = None, order: str = "C"
+        self,
+        columns: Mapping[str, Any],
+        numeric: np.ndarray | None = None,
+        order: str = "C",
+        seen: dict[str, dict[str, int]] | None = None,
     ) -> np.ndarray:
         """Raw columns (NumPy or Arrow arrays, by name) -> float32 (rows, output features).
         `numeric`: the numeric columns already as one float64 (rows, columns) matrix, NaN where
         missing (a served request builds one from its records), instead of from `columns`.
         `order` "F" lays each output column out contiguously (for Arrow columns without a copy;
-        the model reads rows, "C")."""
+        the model reads rows, "C"). `seen`: gets, per column, the missing values (filled or
+        bucketed) and the categories not seen in training, where there are any."""
         if numeric is None and self.numeric:
             numeric = numeric_matrix(columns, self.numeric)
         n = len(numeric) if numeric is not None else len(columns[self.inputs[0]])
         out = np.zeros((n, len(self.output_features)), dtype=np.float32, order=order)
+        if seen is not None:
+            seen.setdefault("missing", {})
+            seen.setdefault("unknown", {})
         if self.numeric:
             fill, low, high, center, scale = self._numeric_state
-            v = np.where(np.isnan(numeric), fill, numeric)  # a new array: `numeric` stays as given
+            nan = np.isnan(numeric)
+            if seen is not None and nan.any():
+                for j in np.flatnonzero(nan.any(axis=0)).tolist():
+                    seen["missing"][self.numeric[j]] = int(nan[:, j].sum())
+            v = np.where(nan, fill, numeric)  # a new array: `numeric` stays as given
             # clip, scale in place (np.clip's NaN handling costs 2x; a NaN stays NaN either way)
             np.minimum(np.maximum(v, low, out=v), high, out=v)
             np.divide(np.subtract(v, center, out=v), scale, out=v)
@@ -101,7 +117,13 @@ class Preprocessor:
         j = len(self.numeric)
         for name in self.categorical:
             cats = self.categories[name]
-            idx = pc.index_in(as_text(columns[name]), value_set=pa.array(cats, pa.string()))
+            text = as_text(columns[name])
+            idx = pc.index_in(text, value_set=pa.array(cats, pa.string()))
+            if seen is not None and idx.null_count:
+                if text.null_count:
+                    seen["missing"][name] = text.null_count
+                if idx.null_count > text.null_count:
+                    seen["unknown"][name] = idx.null_count - text.null_count
             idx = idx.fill_null(len(cats)).to_numpy(zero_copy_only=False)  # unknown bucket
             if self.encoding == "onehot":
                 out[np.arange(n), j + idx] = 1.0
@@ -182,9 +204,12 @@ def fit_preprocessor(train_ds, sample: pa.Table, cols, d) -> Preprocessor:
             mean = float(v.mean()) if n else 0.0
             out[c] = [n, mean, float(((v - mean) ** 2).sum()) if n else 0.0]
             out[c] += [float(v.min()), float(v.max())] if n else [None, None]
+        out["_nulls"] = {}
         for c in categorical:
-            vc = pc.value_counts(pc.drop_null(as_text(batch.column(c))))
+            text = as_text(batch.column(c))
+            vc = pc.value_counts(pc.drop_null(text))
             out[c] = dict(zip(vc.field(0).to_pylist(), vc.field(1).to_pylist(), strict=True))
+            out["_nulls"][c] = text.null_count
         return out
 
     parts = json_partials(train_ds, partial)
@@ -206,6 +231,10 @@ def fit_preprocessor(train_ds, sample: pa.Table, cols, d) -> Preprocessor:
             center[c], scale[c] = 0.0, 1.0
 
     categories: dict[str, list[str]] = {}
+    reference: dict[str, Any] = {
+        "numeric": {c: numeric_reference(as_float(sample.column(c))) for c in numeric},
+        "categorical": {},
+    }
     for c in categorical:
         total = Counter()
         for part in parts:
@@ -213,6 +242,8 @@ def fit_preprocessor(train_ds, sample: pa.Table, cols, d) -> Preprocessor:
         ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
         kept = [v for v, n in ranked if n >= d.min_category_count][: d.max_categories]
         categories[c] = sorted(kept)
+        nulls = sum(part["_nulls"][c] for part in parts)
+        reference["categorical"][c] = category_reference(total, nulls, kept)
     return Preprocessor(
         numeric=list(numeric),
         categorical=list(categorical),
@@ -222,6 +253,7 @@ def fit_preprocessor(train_ds, sample: pa.Table, cols, d) -> Preprocessor:
         scale=scale,
         categories=categories,
         encoding=d.encoding,
+        reference=reference,
     )
 
 

@@ -177,7 +177,10 @@ def train_func(config: dict[str, Any], session=None) -> None:
             session.report(metrics)
         if done:
             if rank == 0 and config.get("progress", True):
-                print(f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}")
+                print(
+                    f"[dcml] stopping after epoch {epoch + 1}: {tc.metric} {stop.reason}",
+                    flush=True,
+                )
             break
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load
 
+from dcml import console
 from dcml.config import PipelineConfig
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
@@ -132,7 +133,7 @@ def build_trainer(
     storage_path: str | None = None,
     workers: int | None = None,
     callbacks: list | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ):
     from ray.train import (
         CheckpointConfig,
@@ -206,7 +207,9 @@ def fit(
 ) -> TrainOutcome:
     """Train, then evaluate the best checkpoint on the test split and write the run's history,
     test metrics and plots next to its checkpoints."""
-    result = build_trainer(cfg, storage, dataset, run_id).fit()
+    # "verbose": Ray Train's own logs too (`dcml -v`); the loop's epoch lines either way
+    progress = True if console.quiet(cfg.cluster.quiet) else "verbose"
+    result = build_trainer(cfg, storage, dataset, run_id, progress=progress).fit()
     run = run_folder(storage, run_id)
     # Ray's list of kept checkpoints, not every folder: a run killed while uploading can leave a
     # folder that its checkpoint manager never registered.
