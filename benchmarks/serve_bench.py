@@ -134,6 +134,8 @@ def main() -> None:
         "the model's metrics, as the ratio of the two",
     )
     ap.add_argument("--log-fraction", type=float, default=0.0, help="serve.log_fraction")
+    ap.add_argument("--concurrency", default="1,8,32", help="concurrency levels, comma-separated")
+    ap.add_argument("--payloads", choices=("both", "1", "64"), default="both")
     args = ap.parse_args()
 
     import socket
@@ -213,8 +215,11 @@ def main() -> None:
             print("| payload | concurrency | server | requests/s | p50 ms | p99 ms | CPU us/req |")
             print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
             ratios = []
-            for name, payload in (("1 record", rows[0]), ("64 records", (rows * 64)[:64])):
-                for conc in (1, 8, 32):
+            payloads = [("1 record", rows[0]), ("64 records", (rows * 64)[:64])]
+            if args.payloads != "both":
+                payloads = payloads[:1] if args.payloads == "1" else payloads[1:]
+            for name, payload in payloads:
+                for conc in map(int, args.concurrency.split(",")):
                     rates: dict[str, list[float]] = {server: [] for server in urls}
                     latencies: dict[str, list[float]] = {server: [] for server in urls}
                     cpu = dict.fromkeys(urls, 0.0)  # CPU seconds of the answering process
