@@ -69,8 +69,10 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
         f"{result.url}/predict",
     ):
         assert expected in page, expected
-    # learning curves, ROC curve, confusion matrix, and the sweep's two plots
-    assert len(images(page)) == 5
+    # learning curves, ROC curve, confusion matrix, the sweep's two plots, and the registered
+    # model's ROC curve with its decision threshold
+    assert len(images(page)) == 6
+    assert "decision threshold 0.500 (0.5) marked" in page
     run_id = report.parent.name
     assert main(["report", run_id, "--set", f"storage.root={cfg.storage.root}"]) == 0
     assert capsys.readouterr().out.strip() == result.report
@@ -80,7 +82,7 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
 def test_the_report_renders_in_chromium_with_its_images(pipeline, tmp_path):
     _, result, _ = pipeline
     seen = render(Path(result.report), tmp_path)
-    assert seen["images"] == 5 and seen["decoded"] == 5, seen
+    assert seen["images"] == 6 and seen["decoded"] == 6, seen
     assert seen["sections"] == 6, seen
 
 
@@ -177,3 +179,35 @@ def test_use_gpu_without_gpus_fails_fast_with_a_message(pipeline):
 
         check_resources(make_config(cfg.storage.root, train={"use_gpu": True}), 2)
     assert main(["train", *at, "--dataset", result.dataset.ref]) == 1
+
+
+def test_the_decision_threshold_is_chosen_on_validation_stored_and_used(pipeline):
+    """Registered at 0.5 by default; the same checkpoint registered with a cost policy gets the
+    threshold that costs least on the validation split, test metrics at it, and predictors
+    that answer by it."""
+    from dcml.data.catalog import read_split_numpy
+    from dcml.pipeline import stage_register
+    from dcml.train.metrics import binary_metrics, choose_threshold
+
+    cfg, result, _ = pipeline
+    default = result.model.meta
+    assert (default["threshold"], default["threshold_policy"]) == (0.5, "0.5")
+    assert {"test_precision", "test_recall"} <= set(default["metrics"])
+    assert default["test_roc"]["at_threshold"][1] == pytest.approx(
+        default["metrics"]["test_recall"]
+    )
+    costly = cfg.model_copy(deep=True)
+    costly.train.threshold, costly.train.costs.fn = "cost", 50.0
+    checkpoint = default["lineage"]["checkpoint"]
+    mv = stage_register(costly, result.dataset, checkpoint, {"run_id": "threshold"}, [], print)
+    storage = Storage.from_config(cfg)
+    predictor = Predictor.from_storage(storage, mv.path)
+    _, x_val, y_val = read_split_numpy(storage, result.dataset, "validation")
+    chosen = choose_threshold("cost", y_val, predictor.predict_features(x_val), 1.0, 50.0)
+    assert mv.meta["threshold_policy"] == "cost" and mv.meta["threshold"] == chosen
+    _, x_test, y_test = read_split_numpy(storage, result.dataset, "test")
+    at = binary_metrics(y_test, predictor.predict_features(x_test), chosen)
+    assert mv.meta["metrics"]["test_recall"] == pytest.approx(at["recall"])
+    rows = raw_test_rows(cfg, result.dataset).to_pylist()
+    for a in predictor.predict_records(rows):
+        assert a["label"] == int(a["probability"] >= chosen)

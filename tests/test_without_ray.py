@@ -787,3 +787,29 @@ def test_the_haproxy_wrapper_moves_only_the_stats_and_metrics_pages_to_loopback(
     assert other.poll() is None  # not started from the folder: left alone
     other.kill()
     other.wait()
+
+
+def test_decision_thresholds_are_the_best_on_the_given_split_by_each_policy():
+    from dcml.train.metrics import binary_metrics, choose_threshold
+
+    rng = np.random.default_rng(0)
+    y = rng.random(3000) < 0.3
+    p = np.clip(np.where(y, rng.normal(0.65, 0.2, 3000), rng.normal(0.35, 0.2, 3000)), 0, 1)
+    grid = np.unique(p)
+
+    def f1(t):
+        return binary_metrics(y, p, t)["f1"]
+
+    best = choose_threshold("max_f1", y, p)
+    assert f1(best) == pytest.approx(max(f1(t) for t in grid))
+    youden = choose_threshold("youden", y, p)
+    j = [(p[y] >= t).mean() - (p[~y] >= t).mean() for t in (youden, *grid)]
+    assert j[0] == pytest.approx(max(j))
+    # a costly false negative lowers the threshold and raises recall
+    cheap_fn, dear_fn = choose_threshold("cost", y, p, 1, 1), choose_threshold("cost", y, p, 1, 10)
+    assert dear_fn < cheap_fn
+    assert binary_metrics(y, p, dear_fn)["recall"] > binary_metrics(y, p, cheap_fn)["recall"]
+    assert choose_threshold(0.3, y, p) == 0.3
+    assert choose_threshold("max_f1", np.ones(5, bool), p[:5]) == 0.5  # one class: no choice
+    # classes apart: of the perfect thresholds, the one nearest 0.5
+    assert choose_threshold("max_f1", [0, 0, 1, 1], [0.1, 0.2, 0.9, 0.95]) == pytest.approx(0.55)

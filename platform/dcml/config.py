@@ -22,7 +22,6 @@ from dcml.config_sections import (
     ConfigError,
     DataConfig,
     ModelConfig,
-    PredictConfig,
     StorageConfig,
     TrainConfig,
     TuneConfig,
@@ -30,7 +29,7 @@ from dcml.config_sections import (
 )
 from dcml.config_watch import MonitorConfig, TrackingConfig
 from dcml.direction import mode_of
-from dcml.serve_config import TOKEN_SOURCES, ServeConfig
+from dcml.serve_config import TOKEN_SOURCES, PredictConfig, ServeConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_config"]
 

@@ -6,7 +6,7 @@ validates a config.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -237,6 +237,11 @@ class ModelConfig(_Section):
         return self
 
 
+class Costs(_Section):
+    fp: float = Field(1.0, ge=0, description="The cost of a false positive.")
+    fn: float = Field(1.0, ge=0, description="The cost of a false negative.")
+
+
 class TrainConfig(_Section):
     workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     cpus_per_worker: float = Field(
@@ -301,6 +306,15 @@ class TrainConfig(_Section):
     )
     freeze_layers: int = Field(
         0, ge=0, description="Fine-tune: hidden layers, from the input, whose weights stay fixed."
+    )
+    threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["max_f1", "youden", "cost"] = Field(
+        0.5,
+        description="Binary: the probability from which the answer is the positive class; a "
+        "number, or chosen on the validation split at registration: max_f1 (the best F1), youden "
+        "(the largest TPR - FPR), cost (the least costs.fp * FP + costs.fn * FN).",
+    )
+    costs: Costs = Field(
+        default_factory=lambda: Costs(), description="threshold: cost: what each error costs."
     )
 
     @model_validator(mode="after")
@@ -392,33 +406,3 @@ class TuneConfig(_Section):
             if self.searcher == "optuna" and kind == "grid":
                 raise ValueError(f"space.{path}: searcher optuna cannot take grid; use choice")
         return self
-
-
-class PredictConfig(_Section):
-    """`dcml predict`: batch inference over stored raw data."""
-
-    passthrough: list[str] = Field(
-        default_factory=list,
-        description="Input columns copied to the output beside the id and the prediction.",
-    )
-    engine: Literal["auto", "local", "ray"] = Field(
-        "auto",
-        description="'local': threads in the dcml process (no Ray); 'ray': Ray Data on the "
-        "cluster. 'auto': local where dcml would start a Ray of its own just for this "
-        "(no cluster.address, no RAY_ADDRESS), else ray.",
-    )
-    threads: int | None = Field(
-        None, ge=1, description="Threads of the local engine; None: cluster.num_cpus, else cores."
-    )
-    batch_size: int = Field(65_536, ge=1, description="Rows per model call.")
-    log_fraction: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Share of scored rows also stored in the prediction log "
-        "(predictions/<model>/<version>/, read by `dcml monitor`); 0: none.",
-    )
-    use_gpu: bool | None = Field(
-        None,
-        description="Score on a GPU (each Ray Data task takes one); None: as train.use_gpu.",
-    )

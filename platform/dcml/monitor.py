@@ -269,7 +269,7 @@ def label_checks(
             out = as_float(logged.column("probability"))
         else:
             out = np.column_stack([as_float(logged.column(f"probability_{c}")) for c in classes])
-    live = task_metrics(task, y, out)
+    live = task_metrics(task, y, out, meta.get("threshold", 0.5))
     tested = meta.get("metrics", {})
     checks = []
     for name in SHOWN_METRICS[task]:

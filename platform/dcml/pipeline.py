@@ -33,7 +33,7 @@ from dcml.layout import META, RUN_JSON, read_weights, run_folder
 from dcml.predictor import Predictor
 from dcml.report import write_report
 from dcml.storage import Storage, to_json
-from dcml.train.metrics import task_metrics
+from dcml.train.metrics import choose_threshold, task_metrics
 from dcml.train.step import evaluate
 from dcml.train.trainer import TrainOutcome, fit, loss_of, new_run_id
 
@@ -175,13 +175,24 @@ def stage_register(
     # Test metrics of exactly what gets registered (weights + preprocessor through the
     # Predictor), with the test twin of every metric `train.metric` can name (loss included).
     predictor = Predictor(read_weights(storage, checkpoint_path), meta)
-    _, x, y = read_split_numpy(storage, dataset, "test")
     task = dataset.manifest["task"]
+    threshold = 0.5
+    if task == "binary":  # the decision threshold, chosen on the validation split
+        _, x_val, y_val = read_split_numpy(storage, dataset, "validation")
+        t = cfg.train
+        p_val = predictor.predict_features(x_val)
+        threshold = choose_threshold(t.threshold, y_val, p_val, t.costs.fp, t.costs.fn)
+        meta["threshold"], meta["threshold_policy"] = threshold, str(t.threshold)
+    _, x, y = read_split_numpy(storage, dataset, "test")
     loss_fn = loss_of(cfg, dataset.manifest)
-    meta["metrics"] = evaluate(predictor.model, torch.as_tensor(x), y, task, loss_fn, "test_")
+    meta["metrics"] = evaluate(
+        predictor.model, torch.as_tensor(x), y, task, loss_fn, "test_", threshold
+    )
     # what `dcml monitor` compares served predictions with
     outputs = predictor.predict_features(x)
     meta["reference_predictions"] = prediction_reference(task, outputs, predictor.classes)
+    if task == "binary":  # the test ROC curve and where the threshold puts the model on it
+        meta["test_roc"] = roc_summary(y, outputs, threshold)
     test = {k.removeprefix("test_"): v for k, v in meta["metrics"].items()}
     mv = registry.register(storage, cfg.name, checkpoint_path, meta)
     log(f"registered model {mv.ref} at {storage.to_uri(mv.path)}: test {format_metrics(test)}")
@@ -193,6 +204,21 @@ def stage_register(
             log(f"warning: {e}")
     tracking.log_registration(cfg, storage, mv, log)
     return mv
+
+
+def roc_summary(y: np.ndarray, p: np.ndarray, threshold: float, points: int = 101) -> dict:
+    """The ROC curve (at most `points` points) and the (FPR, TPR) the threshold gives."""
+    from dcml.plots import roc_points
+
+    fpr, tpr = roc_points(y, p)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).astype(int))
+    positive = np.asarray(p) >= threshold
+    y = np.asarray(y).astype(bool)
+    at = [
+        float((positive & ~y).sum() / max((~y).sum(), 1)),
+        float((positive & y).sum() / max(y.sum(), 1)),
+    ]
+    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "at_threshold": at}
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -271,8 +297,10 @@ def query_served_model(
     batch: int = 64,
     task: str = "binary",
     classes: list | None = None,
+    threshold: float = 0.5,
 ) -> tuple[dict[str, float], list[dict]]:
-    """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels.
+    """POST raw test rows to /predict over HTTP; metrics of the answers against the true labels
+    (binary: labelled from `threshold`, the served version's).
 
     `table` holds the input columns, `id` and `label` (the class index, or the regression target).
     """
@@ -294,7 +322,7 @@ def query_served_model(
             true = r["label"] if task == "regression" else (classes or [0, 1])[r["label"]]
             answered.append({"id": r["id"], "true": true, **p})
     y = np.array([r["label"] for r in rows])
-    return task_metrics(task, y, np.array(probs)), answered
+    return task_metrics(task, y, np.array(probs), threshold), answered
 
 
 def _json_value(value: Any) -> Any:
@@ -333,8 +361,9 @@ def run_pipeline(
     log(f"serving {served.ref} (alias production) at {url}/predict")
     table = raw_test_rows(cfg, dataset)
     m = dataset.manifest
+    threshold = served.meta.get("threshold", 0.5)
     metrics, answered = query_served_model(
-        url, table, dataset.preprocessor.inputs, token, 64, m["task"], m["classes"]
+        url, table, dataset.preprocessor.inputs, token, 64, m["task"], m["classes"], threshold
     )
     shown = answered[: cfg.serve.demo_rows]
     if shown:

@@ -138,3 +138,18 @@ def drift_bars(name: str, bins: list[str], reference: np.ndarray, live: np.ndarr
     ax.set_title(name)
     ax.legend()
     return _png(fig)
+
+
+def roc_at_threshold(roc: dict[str, Any], threshold: float, auc: float) -> bytes:
+    """A stored ROC curve (`fpr`, `tpr`) with the point the decision threshold gives."""
+    fig = _figure(4.8, 4.2)
+    ax = fig.subplots()
+    ax.plot(roc["fpr"], roc["tpr"], label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    fpr, tpr = roc["at_threshold"]
+    ax.plot([fpr], [tpr], "o", color="crimson", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC curve (test split)")
+    ax.legend(loc="lower right")
+    return _png(fig)

@@ -277,6 +277,13 @@ def _model_section(
         ]
         if tables:
             out.append(f'<div class="cols">{"".join(tables)}</div>')
+        if roc := meta.get("test_roc"):
+            from dcml.plots import roc_at_threshold
+
+            t, policy = meta.get("threshold", 0.5), meta.get("threshold_policy", "0.5")
+            png = roc_at_threshold(roc, t, test.get("test_roc_auc", float("nan")))
+            caption = f"test ROC curve; the decision threshold {t:.3f} ({policy}) marked"
+            out.append(_png_figure(png, caption))
     out.append("<h2>Served model</h2>")
     if served is None and not url:
         out.append('<p class="muted">not served.</p>')

@@ -1,4 +1,5 @@
-"""The `serve` section of a pipeline config (also the Serve application's arguments)."""
+"""The `serve` section of a pipeline config (also the Serve application's arguments), and the
+`predict` section (batch inference)."""
 
 from __future__ import annotations
 
@@ -109,3 +110,33 @@ class ServeConfig(_Section):
         if len(given) > 1:
             raise ValueError(f"give one of {', '.join(given)}, not both")
         return self
+
+
+class PredictConfig(_Section):
+    """`dcml predict`: batch inference over stored raw data."""
+
+    passthrough: list[str] = Field(
+        default_factory=list,
+        description="Input columns copied to the output beside the id and the prediction.",
+    )
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="'local': threads in the dcml process (no Ray); 'ray': Ray Data on the "
+        "cluster. 'auto': local where dcml would start a Ray of its own just for this "
+        "(no cluster.address, no RAY_ADDRESS), else ray.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Threads of the local engine; None: cluster.num_cpus, else cores."
+    )
+    batch_size: int = Field(65_536, ge=1, description="Rows per model call.")
+    log_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of scored rows also stored in the prediction log "
+        "(predictions/<model>/<version>/, read by `dcml monitor`); 0: none.",
+    )
+    use_gpu: bool | None = Field(
+        None,
+        description="Score on a GPU (each Ray Data task takes one); None: as train.use_gpu.",
+    )

@@ -69,10 +69,48 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     }
 
 
-def task_metrics(task: str, y: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """The metrics of a task, from the model's outputs as `predict` gives them."""
+def task_metrics(
+    task: str, y: np.ndarray, out: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """The metrics of a task, from the model's outputs as `predict` gives them (binary: the
+    labels from `threshold`)."""
     if task == "multiclass":
         return multiclass_metrics(y, out)
     if task == "regression":
         return regression_metrics(y, out)
-    return binary_metrics(y, out)
+    return binary_metrics(y, out, threshold)
+
+
+def choose_threshold(
+    policy: float | str, y: np.ndarray, p: np.ndarray, cost_fp: float = 1.0, cost_fn: float = 1.0
+) -> float:
+    """The probability from which a binary model answers positive: `policy` itself when it is a
+    number, else the one that is best on (y, p) (the validation split): max_f1, youden (the
+    largest TPR - FPR) or cost (the least cost_fp * FP + cost_fn * FN). A chosen threshold lies
+    halfway between two neighbouring scores, so that scores near it are not decided by a tie.
+    Without both classes in `y` nothing can be chosen: 0.5."""
+    if not isinstance(policy, str):
+        return float(policy)
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return 0.5
+    scores = np.unique(p)  # candidate t: positive when p >= t
+    pos, neg = np.sort(p[y]), np.sort(p[~y])
+    tp = n_pos - np.searchsorted(pos, scores, side="left")
+    fp = n_neg - np.searchsorted(neg, scores, side="left")
+    fn = n_pos - tp
+    if policy == "max_f1":
+        gain = 2 * tp / (2 * tp + fp + fn)
+    elif policy == "youden":
+        gain = tp / n_pos - fp / n_neg
+    elif policy == "cost":
+        gain = -(cost_fp * fp + cost_fn * fn)
+    else:
+        raise ValueError(f"train.threshold: unknown policy {policy!r}")
+    halfway = (np.r_[0.0, scores[:-1]] + scores) / 2
+    # of the thresholds that do equally well, the one nearest 0.5 (a wide gap between the
+    # classes' scores leaves many)
+    tied = np.flatnonzero(gain >= gain.max() - 1e-12)
+    return float(halfway[tied[np.argmin(np.abs(halfway[tied] - 0.5))]])

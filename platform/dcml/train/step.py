@@ -235,10 +235,12 @@ def evaluate(
     task: str = "binary",
     loss_fn: Loss | None = None,
     prefix: str = "val_",
+    threshold: float = 0.5,
 ) -> dict[str, float]:
-    """The task's metrics on (x, y), and `loss` (the training loss) when `loss_fn` is given."""
+    """The task's metrics on (x, y), and `loss` (the training loss) when `loss_fn` is given;
+    a binary model's labels from `threshold`."""
     out = raw_outputs(model, x)
-    metrics = task_metrics(task, y, read_outputs(out, task))
+    metrics = task_metrics(task, y, read_outputs(out, task), threshold)
     if loss_fn is not None:
         metrics = {"loss": float(loss_fn(out, label_tensor(y, task, out.device))), **metrics}
     return {prefix + k: v for k, v in metrics.items()}
