@@ -1,11 +1,14 @@
 """Multiclass and regression through preprocess, Ray Train (DDP), registration and the predictor."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
+from dcml.report import write_report
 from dcml.storage import Storage
 
 from .conftest import make_config, run, write_shards
@@ -52,6 +55,9 @@ def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
     assert mv.meta["metrics"]["test_accuracy"] > 0.85
     assert mv.meta["metrics"]["test_macro_f1"] > 0.85
     shares = mv.meta["reference_predictions"]["frequencies"]  # of the predicted classes
+    # the report's plots of a multiclass run: its confusion matrix and per-class scores
+    plots = storage.ls(storage.path("runs", mv.meta["lineage"]["run_id"], "plots"))
+    assert plots == ["confusion_matrix.png", "learning_curves.png", "per_class.png"]
     assert set(shares) == set(dv.manifest["classes"]) and sum(shares.values()) == pytest.approx(1)
 
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
@@ -99,6 +105,16 @@ def test_regression_trains_and_predicts_values(tmp_path):
     assert len(lines) - 1 == outcome.metrics["epoch"] + 1
     assert mv.meta["metrics"]["test_r2"] > 0.9
     assert mv.meta["reference_predictions"]["kind"] == "value"
+    # a regression run's report shows its own errors, not a ROC curve or confusion matrix
+    assert sorted(
+        p.name for p in (tmp_path / "store" / "runs" / outcome.run_id / "plots").iterdir()
+    ) == [
+        "learning_curves.png",
+        "predicted_vs_true.png",
+        "residuals.png",
+    ]
+    page = Path(write_report(storage, outcome.run_id)).read_text()
+    assert "Residuals (test split)" in page and "ROC curve" not in page
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
     answers = Predictor.from_storage(storage, mv.path).predict_records(rows)
     err = np.array([a["value"] for a in answers]) - np.array([r["label"] for r in rows])

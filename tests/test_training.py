@@ -60,7 +60,7 @@ def test_same_seed_and_workers_give_the_same_metrics_and_a_run_writes_test_eval_
 
     stored = Storage.from_config(cfg).read_json(str(runs / "same-a" / "test_metrics.json"))
     assert stored["roc_auc"] == first.test_metrics["test_roc_auc"]
-    for name in ("learning_curves.png", "roc_curve.png", "confusion_matrix.png"):
+    for name in ("learning_curves.png", "roc_curve.png", "calibration.png", "confusion_matrix.png"):
         image = (runs / "same-a" / "plots" / name).read_bytes()
         assert image.startswith(PNG) and len(image) > 5_000, name
 

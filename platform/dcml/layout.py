@@ -32,6 +32,15 @@ HISTORY = "history.csv"  # one row per epoch (also a run's own history.csv)
 TEST_METRICS = "test_metrics.json"
 PLOTS = "plots"
 REPORT = "report.html"
+# the test split's plots, in the order the run report shows them, with their captions
+TEST_PLOTS = {
+    "roc_curve.png": "ROC curve (test split)",
+    "calibration.png": "Calibration: share of positives by predicted probability (test split)",
+    "confusion_matrix.png": "Confusion matrix (test split)",
+    "per_class.png": "Precision and recall per class (test split)",
+    "predicted_vs_true.png": "Predicted against true values (test split)",
+    "residuals.png": "Residuals (test split)",
+}
 
 
 def raw_folder(storage: Storage, name: str = "") -> str:

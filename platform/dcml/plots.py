@@ -153,3 +153,71 @@ def roc_at_threshold(roc: dict[str, Any], threshold: float, auc: float) -> bytes
     ax.set_title("ROC curve (test split)")
     ax.legend(loc="lower right")
     return _png(fig)
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> bytes:
+    """Binary: the share of positives against the mean predicted probability, per decile of
+    the probabilities (a calibrated model lies on the diagonal), and how many rows each holds."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(len(edges) - 2, 0))
+    rows = np.bincount(which, minlength=max(len(edges) - 1, 1))
+    held = rows > 0
+    mean_p = np.bincount(which, weights=p, minlength=len(rows))[held] / rows[held]
+    observed = np.bincount(which, weights=y, minlength=len(rows))[held] / rows[held]
+    fig = _figure(4.5, 4.5)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    ax.plot(mean_p, observed, "o-", label="model")
+    for x, o, n in zip(mean_p, observed, rows[held]):
+        ax.annotate(str(n), (x, o), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="mean predicted probability", ylabel="share of positives")
+    ax.set(title="Calibration (test split)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def per_class_scores(y: np.ndarray, pred: np.ndarray, classes: list[Any]) -> bytes:
+    """Multiclass: each class's precision and recall, side by side."""
+    n = len(classes)
+    counts = confusion(y, pred, n)
+    tp = np.diag(counts).astype(np.float64)
+    precision = np.divide(tp, counts.sum(axis=0), out=np.zeros(n), where=counts.sum(axis=0) > 0)
+    recall = np.divide(tp, counts.sum(axis=1), out=np.zeros(n), where=counts.sum(axis=1) > 0)
+    fig = _figure(max(4.5, 0.9 * n + 2), 3.6)
+    ax = fig.subplots()
+    x = np.arange(n)
+    ax.bar(x - 0.2, precision, 0.4, label="precision")
+    ax.bar(x + 0.2, recall, 0.4, label="recall")
+    ax.set_xticks(x, [str(c) for c in classes])
+    ax.set(ylim=(0, 1.05), title="Precision and recall per class (test split)")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def predicted_vs_actual(y: np.ndarray, pred: np.ndarray) -> bytes:
+    """Regression: predictions against the true values (a perfect model lies on the diagonal)."""
+    y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    fig = _figure(4.5, 4.5)
+    ax = fig.subplots()
+    ax.scatter(y, pred, s=6, alpha=0.5)
+    low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([low, high], [low, high], linestyle="--", color="grey")
+    ax.set(xlabel="true value", ylabel="predicted", title="Predicted against true (test split)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def residuals(y: np.ndarray, pred: np.ndarray) -> bytes:
+    """Regression: the errors (predicted - true) against the prediction, and their spread."""
+    y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    err = pred - y
+    fig = _figure(9.0, 3.6)
+    scatter, spread = fig.subplots(1, 2)
+    scatter.scatter(pred, err, s=6, alpha=0.5)
+    scatter.axhline(0, linestyle="--", color="grey")
+    scatter.set(xlabel="predicted", ylabel="residual (predicted - true)", title="Residuals")
+    spread.hist(err, bins=30)
+    spread.set(xlabel="residual", ylabel="rows", title="Residuals' distribution (test split)")
+    return _png(fig)

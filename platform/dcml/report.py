@@ -17,7 +17,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from dcml.layout import HISTORY, PLOTS, REPORT, RUN_JSON, TEST_METRICS, run_folder
+from dcml.layout import HISTORY, PLOTS, REPORT, RUN_JSON, TEST_METRICS, TEST_PLOTS, run_folder
 from dcml.storage import Storage
 
 if TYPE_CHECKING:  # `dcml report` only looks a report up: it starts without torch and Ray
@@ -237,10 +237,10 @@ def _test_section(storage: Storage, run: str) -> str:
         out[-1] += f" (<code>{_e(storage.to_uri(checkpoint))}</code>)"
     out[-1] += ".</p>"
     out.append(_kv(sorted(metrics.items())))
-    out.append(_image(storage, f"{run}/{PLOTS}/roc_curve.png", "ROC curve (test split)"))
-    out.append(
-        _image(storage, f"{run}/{PLOTS}/confusion_matrix.png", "Confusion matrix (test split)")
-    )
+    # the plots that fit the task: those the run stored
+    stored = set(storage.ls(f"{run}/{PLOTS}"))
+    shown = [_image(storage, f"{run}/{PLOTS}/{n}", c) for n, c in TEST_PLOTS.items() if n in stored]
+    out += shown or ['<p class="muted">no plots of the test split stored.</p>']
     return "\n".join(out)
 
 

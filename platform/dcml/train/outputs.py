@@ -37,8 +37,9 @@ def write_plots(
     y: np.ndarray,
     out: np.ndarray,
 ) -> list[str]:
-    """PNGs under <run>/plots/: learning curves; for classification the test split's
-    confusion matrix, and its ROC curve for binary tasks."""
+    """PNGs under <run>/plots/ (layout.TEST_PLOTS names those of the test split): learning curves;
+    binary: ROC curve, calibration and confusion matrix; multiclass: confusion matrix and each
+    class's precision and recall; regression: predicted against true, and the residuals."""
     from dcml import plots
 
     task, classes = dataset.manifest["task"], dataset.manifest["classes"]
@@ -48,11 +49,17 @@ def write_plots(
     if task == "binary" and len(y):
         auc = task_metrics(task, y, out)["roc_auc"]
         images["roc_curve.png"] = plots.roc_curve(y, out, auc, "ROC curve (test split)")
+        images["calibration.png"] = plots.calibration_curve(y, out)
     if task != "regression" and len(y):
         pred = out.argmax(axis=1) if task == "multiclass" else (out >= 0.5).astype(np.int64)
         images["confusion_matrix.png"] = plots.confusion_matrix(
             y.astype(np.int64), pred, classes, "Confusion matrix (test split)"
         )
+        if task == "multiclass":
+            images["per_class.png"] = plots.per_class_scores(y.astype(np.int64), pred, classes)
+    if task == "regression" and len(y):
+        images["predicted_vs_true.png"] = plots.predicted_vs_actual(y, out)
+        images["residuals.png"] = plots.residuals(y, out)
     storage.fs.makedirs(f"{run}/{PLOTS}", exist_ok=True)
     for name, data in images.items():
         with storage.fs.open(f"{run}/{PLOTS}/{name}", "wb") as f:
