@@ -148,11 +148,13 @@ def serve(
     set_: list[str] | None = SetOpt,
 ):
     """Serve a model version over HTTP on Ray Serve until interrupted."""
-    from dcml.cluster import connect
+    from dcml.cluster import catch_stop, connect
     from dcml.serving import deploy, metrics_url
 
     cfg = config_of(config, set_)
+    catch_stop()  # a stop while starting (Serve takes seconds) stops it cleanly once started
     connect(cfg.cluster)
+    catch_stop()  # again: Ray's start put its own SIGTERM handler in place
     url = deploy(cfg, model)
     if cfg.serve.metrics and (metrics := metrics_url()):
         typer.echo(f"metrics (Prometheus): {metrics}")
@@ -216,6 +218,8 @@ def monitor(
         typer.echo(f"page: {watch.write_page(storage, result, cfg.monitor)}")
     except OSError as e:  # the verdict still stands, and so does its exit code
         typer.echo(f"warning: the page could not be written: {e}", err=True)
+    if result.checks and not result.flagged:
+        typer.echo(f"no drift: all {len(result.checks)} checks within their limits")
     if result.flagged:
         names = sorted({f"{c.subject} ({c.check})" for c in result.flagged})
         typer.echo(f"drift: {', '.join(names)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -136,7 +137,22 @@ def loopback_haproxy(folder: str, binary: str, ports: list[str]) -> str:
     return path
 
 
+# Where the ports Serve binds only at deploy time (a minute after they are chosen, in `dcml run`)
+# are picked: below the range the OS hands out for "any free port" (32768 and up on Linux), which
+# other processes take meanwhile, and below Serve's replica ports (30000 and up).
+RESERVED_PORTS = range(20000, 30000)
+
+
 def _free_port() -> int:
+    """A port free now on every interface, from RESERVED_PORTS (else any the OS gives)."""
+    rng = random.Random()
+    for port in rng.sample(RESERVED_PORTS, 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -233,11 +249,15 @@ def check_reachable(address: str, field: str, timeout: float = 5) -> None:
         raise RuntimeError(f"{field}: no Ray cluster answers at {address} ({e})") from None
 
 
-def wait_for_stop() -> None:
-    """Wait for SIGINT or SIGTERM (how Kubernetes and systemd stop a server). Handling SIGTERM
-    here also replaces Ray's handler, which dumps a native stack. A second signal is not
-    handled: it stops the process at once. An ignored SIGINT (a background job) stays ignored."""
-    stop = threading.Event()
+def catch_stop() -> threading.Event:
+    """Handle SIGINT and SIGTERM (how Kubernetes and systemd stop a server) from now on: the
+    returned event is set by the first one, and a second one stops the process at once. Called
+    again (Ray's start installs its own SIGTERM handler, which dumps a native stack), it puts the
+    handlers back, with the same event. An ignored SIGINT (a background job) stays ignored."""
+    global _stop
+    if _stop is None:
+        _stop = threading.Event()
+    stop = _stop
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     handled = [s for s in defaults if signal.getsignal(s) is not signal.SIG_IGN]
 
@@ -246,8 +266,18 @@ def wait_for_stop() -> None:
         for s in handled:
             signal.signal(s, defaults[s])
 
-    for sig in handled:
-        signal.signal(sig, handle)
+    if not stop.is_set():
+        for sig in handled:
+            signal.signal(sig, handle)
+    return stop
+
+
+_stop: threading.Event | None = None
+
+
+def wait_for_stop() -> None:
+    """Wait for SIGINT or SIGTERM (see `catch_stop`; one caught before this returns at once)."""
+    stop = catch_stop()
     while not stop.wait(1):
         pass
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dcml import registry
+from dcml import console, registry
 from dcml.config import PipelineConfig
 from dcml.layout import HISTORY, META, PLOTS, REPORT, RUN_JSON, TEST_METRICS, run_folder
 from dcml.storage import Storage, read_json_or_none
@@ -142,6 +143,8 @@ def _client(uri: str):
         return _clients[uri]
     from mlflow.tracking import MlflowClient
 
+    if not console.verbose():  # its notes on creating a database's tables
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     if urlsplit(uri).scheme in ("http", "https"):
         # MLflow retries a failed request with backoff for minutes by default (7 retries, 120 s
         # timeout): a mirror gives up sooner. A user's own settings win.

@@ -59,7 +59,7 @@ def prediction_reference(task: str, outputs: np.ndarray, classes: list | None) -
         counts = np.bincount(np.argmax(outputs, axis=1), minlength=len(classes or []))
         shares = counts / max(counts.sum(), 1)
         frequencies = {class_key(c): float(s) for c, s in zip(classes, shares)}
-        return {"kind": "class", "frequencies": frequencies}
+        return {"kind": "class", "frequencies": frequencies, "rows": int(len(outputs))}
     kind = "probability" if task == "binary" else "value"
     return {"kind": kind, **distribution(outputs.reshape(-1)), "rows": int(len(outputs))}
 
