@@ -57,7 +57,8 @@ def test_multiclass_trains_with_ddp_and_predicts_class_names(tmp_path):
     shares = mv.meta["reference_predictions"]["frequencies"]  # of the predicted classes
     # the report's plots of a multiclass run: its confusion matrix and per-class scores
     plots = storage.ls(storage.path("runs", mv.meta["lineage"]["run_id"], "plots"))
-    assert plots == ["confusion_matrix.png", "learning_curves.png", "per_class.png"]
+    expected = ["confusion_matrix.png", "feature_importance.png", "learning_curves.png"]
+    assert plots == [*expected, "per_class.png"]
     assert set(shares) == set(dv.manifest["classes"]) and sum(shares.values()) == pytest.approx(1)
 
     rows = raw_test_rows(cfg, dv, limit=50).to_pylist()
@@ -109,6 +110,7 @@ def test_regression_trains_and_predicts_values(tmp_path):
     assert sorted(
         p.name for p in (tmp_path / "store" / "runs" / outcome.run_id / "plots").iterdir()
     ) == [
+        "feature_importance.png",
         "learning_curves.png",
         "predicted_vs_true.png",
         "residuals.png",

@@ -69,9 +69,9 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
         f"{result.url}/predict",
     ):
         assert expected in page, expected
-    # learning curves, ROC curve, calibration, confusion matrix, the sweep's two plots, and the
-    # registered model's ROC curve with its decision threshold
-    assert len(images(page)) == 7
+    # learning curves, ROC curve, calibration, confusion matrix, permutation importance, the
+    # sweep's two plots, and the registered model's ROC curve with its decision threshold
+    assert len(images(page)) == 8
     assert "decision threshold 0.500 (0.5) marked" in page
     run_id = report.parent.name
     assert main(["report", run_id, "--set", f"storage.root={cfg.storage.root}"]) == 0
@@ -82,7 +82,7 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
 def test_the_report_renders_in_chromium_with_its_images(pipeline, tmp_path):
     _, result, _ = pipeline
     seen = render(Path(result.report), tmp_path)
-    assert seen["images"] == 7 and seen["decoded"] == 7, seen
+    assert seen["images"] == 8 and seen["decoded"] == 8, seen
     assert seen["sections"] == 6, seen
 
 

@@ -1,6 +1,7 @@
 """Training on a real local Ray: determinism, streamed data, a lost worker and a lost driver,
 resume by run id, fine-tuning."""
 
+import json
 import os
 import signal
 import time
@@ -48,7 +49,7 @@ def two_runs(bc):
 def test_same_seed_and_workers_give_the_same_metrics_and_a_run_writes_test_eval_and_plots(
     bc, two_runs
 ):
-    root, _ = bc
+    root, dataset = bc
     cfg, first, second = two_runs
     runs = root / "runs"
     assert len(history(runs / "same-a")) == 3
@@ -60,7 +61,13 @@ def test_same_seed_and_workers_give_the_same_metrics_and_a_run_writes_test_eval_
 
     stored = Storage.from_config(cfg).read_json(str(runs / "same-a" / "test_metrics.json"))
     assert stored["roc_auc"] == first.test_metrics["test_roc_auc"]
-    for name in ("learning_curves.png", "roc_curve.png", "calibration.png", "confusion_matrix.png"):
+    # permutation importance on the validation split, per raw input: the breast-cancer model
+    # leans on some of its 30 inputs, and shuffling them costs ROC AUC
+    importance = json.loads((runs / "same-a" / "feature_importance.json").read_text())
+    assert set(importance) == set(dataset.preprocessor.inputs) and max(importance.values()) > 0
+    assert importance == json.loads((runs / "same-b" / "feature_importance.json").read_text())
+    names = ("learning_curves.png", "roc_curve.png", "calibration.png", "confusion_matrix.png")
+    for name in (*names, "feature_importance.png"):
         image = (runs / "same-a" / "plots" / name).read_bytes()
         assert image.startswith(PNG) and len(image) > 5_000, name
 

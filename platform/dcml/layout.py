@@ -30,16 +30,20 @@ META = "meta.json"  # the epoch's metrics, model spec, features
 HISTORY = "history.csv"  # one row per epoch (also a run's own history.csv)
 # a run's outputs
 TEST_METRICS = "test_metrics.json"
+IMPORTANCE = "feature_importance.json"  # permutation importance on the validation split
 PLOTS = "plots"
 REPORT = "report.html"
-# the test split's plots, in the order the run report shows them, with their captions
-TEST_PLOTS = {
+# a run's plots of its results (the test split's, and importance on validation), in the order
+# the run report shows them, with their captions
+RESULT_PLOTS = {
     "roc_curve.png": "ROC curve (test split)",
     "calibration.png": "Calibration: share of positives by predicted probability (test split)",
     "confusion_matrix.png": "Confusion matrix (test split)",
     "per_class.png": "Precision and recall per class (test split)",
     "predicted_vs_true.png": "Predicted against true values (test split)",
     "residuals.png": "Residuals (test split)",
+    "feature_importance.png": "Permutation importance: the score lost when an input is shuffled "
+    "(validation split)",
 }
 
 

@@ -221,3 +221,16 @@ def residuals(y: np.ndarray, pred: np.ndarray) -> bytes:
     spread.hist(err, bins=30)
     spread.set(xlabel="residual", ylabel="rows", title="Residuals' distribution (test split)")
     return _png(fig)
+
+
+def feature_importance(importance: dict[str, float], metric: str, top: int = 20) -> bytes:
+    """The inputs whose shuffling worsens the score most, as horizontal bars."""
+    ranked = sorted(importance.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    names, values = [k for k, _ in ranked][::-1], [v for _, v in ranked][::-1]
+    fig = _figure(6.5, 0.28 * len(names) + 1.4)
+    ax = fig.subplots()
+    ax.barh(names, values)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set(xlabel=f"{metric} lost when the input is shuffled", title="Permutation importance")
+    ax.tick_params(axis="y", labelsize=7)
+    return _png(fig)

@@ -17,7 +17,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from dcml.layout import HISTORY, PLOTS, REPORT, RUN_JSON, TEST_METRICS, TEST_PLOTS, run_folder
+from dcml.layout import HISTORY, PLOTS, REPORT, RESULT_PLOTS, RUN_JSON, TEST_METRICS, run_folder
 from dcml.storage import Storage
 
 if TYPE_CHECKING:  # `dcml report` only looks a report up: it starts without torch and Ray
@@ -239,7 +239,9 @@ def _test_section(storage: Storage, run: str) -> str:
     out.append(_kv(sorted(metrics.items())))
     # the plots that fit the task: those the run stored
     stored = set(storage.ls(f"{run}/{PLOTS}"))
-    shown = [_image(storage, f"{run}/{PLOTS}/{n}", c) for n, c in TEST_PLOTS.items() if n in stored]
+    shown = [
+        _image(storage, f"{run}/{PLOTS}/{n}", c) for n, c in RESULT_PLOTS.items() if n in stored
+    ]
     out += shown or ['<p class="muted">no plots of the test split stored.</p>']
     return "\n".join(out)
 

@@ -28,6 +28,51 @@ def evaluate_checkpoint(
     return task_metrics(task, y, out), y, out
 
 
+# the score permutation importance takes per task, and whether a higher one is better
+IMPORTANCE_METRIC = {"binary": "roc_auc", "multiclass": "accuracy", "regression": "rmse"}
+
+
+def permutation_importance(
+    storage: Storage,
+    dataset: DatasetVersion,
+    checkpoint: str,
+    split: str = "validation",
+    repeats: int = 3,
+    max_rows: int = 20_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much the split's score (ROC AUC, accuracy or RMSE) worsens when one raw input's
+    values are shuffled across rows, on average over `repeats` shuffles: per input column (a
+    categorical column's one-hot features move together). At most `max_rows` rows, seeded."""
+    meta = storage.read_json(f"{checkpoint}/{META}")
+    model = load_model(storage, checkpoint, meta["model_spec"])
+    _, x, y = read_split_numpy(storage, dataset, split)
+    task = dataset.manifest["task"]
+    rng = np.random.default_rng(seed)
+    if len(x) > max_rows:
+        keep = rng.choice(len(x), max_rows, replace=False)
+        x, y = x[keep], y[keep]
+    name = IMPORTANCE_METRIC[task]
+    sign = -1.0 if name == "rmse" else 1.0  # a worse score is a positive importance
+
+    def score(features: np.ndarray) -> float:
+        return task_metrics(task, y, predict(model, torch.as_tensor(features), task))[name]
+
+    base = score(x)
+    groups: dict[str, list[int]] = {}
+    for j, feature in enumerate(dataset.manifest["features"]):
+        groups.setdefault(feature.split("=", 1)[0], []).append(j)
+    importance = {}
+    for column, at in groups.items():
+        drops = []
+        for _ in range(repeats):
+            shuffled = x.copy()
+            shuffled[:, at] = x[rng.permutation(len(x))][:, at]
+            drops.append(sign * (base - score(shuffled)))
+        importance[column] = float(np.mean(drops))
+    return importance
+
+
 def write_plots(
     storage: Storage,
     run: str,
@@ -36,8 +81,9 @@ def write_plots(
     dataset: DatasetVersion,
     y: np.ndarray,
     out: np.ndarray,
+    importance: dict[str, float] | None = None,
 ) -> list[str]:
-    """PNGs under <run>/plots/ (layout.TEST_PLOTS names those of the test split): learning curves;
+    """PNGs under <run>/plots/ (layout.RESULT_PLOTS names those of the test split): learning curves;
     binary: ROC curve, calibration and confusion matrix; multiclass: confusion matrix and each
     class's precision and recall; regression: predicted against true, and the residuals."""
     from dcml import plots
@@ -60,6 +106,10 @@ def write_plots(
     if task == "regression" and len(y):
         images["predicted_vs_true.png"] = plots.predicted_vs_actual(y, out)
         images["residuals.png"] = plots.residuals(y, out)
+    if importance:
+        images["feature_importance.png"] = plots.feature_importance(
+            importance, IMPORTANCE_METRIC[task]
+        )
     storage.fs.makedirs(f"{run}/{PLOTS}", exist_ok=True)
     for name, data in images.items():
         with storage.fs.open(f"{run}/{PLOTS}/{name}", "wb") as f:

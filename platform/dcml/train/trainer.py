@@ -19,13 +19,18 @@ from dcml import console
 from dcml.config import PipelineConfig
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
-from dcml.layout import META, TEST_METRICS, read_weights, run_folder
+from dcml.layout import IMPORTANCE, META, TEST_METRICS, read_weights, run_folder
 from dcml.storage import Storage
 from dcml.train.checkpoint import freeze, load_matching
 from dcml.train.ingest import SMALL_SPLIT_BYTES, is_small, split_dataset
 from dcml.train.loop import train_func
 from dcml.train.model import build_model, model_spec, n_outputs
-from dcml.train.outputs import evaluate_checkpoint, publish_history, write_plots
+from dcml.train.outputs import (
+    evaluate_checkpoint,
+    permutation_importance,
+    publish_history,
+    write_plots,
+)
 from dcml.train.step import make_loss
 
 
@@ -218,7 +223,9 @@ def fit(
     test, y, out = evaluate_checkpoint(storage, dataset, path, "test")
     storage.write_json(f"{run}/{TEST_METRICS}", {"checkpoint": path, **test})
     history = publish_history(storage, run, result.checkpoint.path)
-    write_plots(storage, run, history, cfg.train.metric, dataset, y, out)
+    importance = permutation_importance(storage, dataset, path, seed=cfg.seed)
+    storage.write_json(f"{run}/{IMPORTANCE}", importance)
+    write_plots(storage, run, history, cfg.train.metric, dataset, y, out, importance)
     metrics = storage.read_json(f"{path}/{META}")["metrics"]
     return TrainOutcome(run_id, path, metrics, {f"test_{k}": v for k, v in test.items()})
 
