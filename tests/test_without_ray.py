@@ -811,5 +811,7 @@ def test_decision_thresholds_are_the_best_on_the_given_split_by_each_policy():
     assert binary_metrics(y, p, dear_fn)["recall"] > binary_metrics(y, p, cheap_fn)["recall"]
     assert choose_threshold(0.3, y, p) == 0.3
     assert choose_threshold("max_f1", np.ones(5, bool), p[:5]) == 0.5  # one class: no choice
+    # positives scored below negatives, false positives dear: answer none positive
+    assert choose_threshold("cost", [1, 0, 0], [0.1, 0.8, 0.9], 100, 1) > 0.9
     # classes apart: of the perfect thresholds, the one nearest 0.5
     assert choose_threshold("max_f1", [0, 0, 1, 1], [0.1, 0.2, 0.9, 0.95]) == pytest.approx(0.55)

@@ -100,9 +100,11 @@ def choose_threshold(
     pos, neg = np.sort(p[y]), np.sort(p[~y])
     tp = n_pos - np.searchsorted(pos, scores, side="left")
     fp = n_neg - np.searchsorted(neg, scores, side="left")
+    # and above every score: nothing positive (where false positives cost most)
+    scores, tp, fp = np.r_[scores, (scores[-1] + 1) / 2], np.r_[tp, 0], np.r_[fp, 0]
     fn = n_pos - tp
     if policy == "max_f1":
-        gain = 2 * tp / (2 * tp + fp + fn)
+        gain = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=tp > 0)
     elif policy == "youden":
         gain = tp / n_pos - fp / n_neg
     elif policy == "cost":
