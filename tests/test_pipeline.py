@@ -70,8 +70,11 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
     ):
         assert expected in page, expected
     # learning curves, ROC curve, calibration, confusion matrix, permutation importance, the
-    # sweep's two plots, and the registered model's ROC curve with its decision threshold
-    assert len(images(page)) == 8
+    # sweep's two plots, the registered model's ROC curve with its decision threshold, and when
+    # the sweep's trial won, its learning curves at the top
+    from_sweep = "sweep_id" in result.model.meta["lineage"]
+    assert len(images(page)) == 8 + from_sweep
+    assert ("The registered model came from the sweep" in page) == from_sweep
     assert "decision threshold 0.500 (0.5) marked" in page
     run_id = report.parent.name
     assert main(["report", run_id, "--set", f"storage.root={cfg.storage.root}"]) == 0
@@ -82,7 +85,8 @@ def test_the_run_writes_one_report_and_dcml_report_prints_it(pipeline, capsys):
 def test_the_report_renders_in_chromium_with_its_images(pipeline, tmp_path):
     _, result, _ = pipeline
     seen = render(Path(result.report), tmp_path)
-    assert seen["images"] == 8 and seen["decoded"] == 8, seen
+    shown = 8 + ("sweep_id" in result.model.meta["lineage"])
+    assert seen["images"] == shown and seen["decoded"] == shown, seen
     assert seen["sections"] == 6, seen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from pathlib import Path
 
@@ -233,3 +234,26 @@ def test_report_renders_in_chromium_with_its_images(tmp_path):
     seen = render(report, tmp_path)
     assert seen["images"] == 5 and seen["decoded"] == 5, seen
     assert seen["sections"] == 6 and seen["height"] > 2000, seen
+
+
+def test_a_model_from_a_sweep_trial_is_named_at_the_top_with_its_own_curves(tmp_path):
+    storage = Storage(str(tmp_path))
+    fake_run(storage, storage.uri())
+    trial = storage.path("runs", SWEEP, "_inline_trial_a1b2c_00000_0_train_lr=0.003")
+    rows = [{"epoch": e, "train_loss": 0.5 / (e + 1), "val_loss": 0.4 / (e + 1)} for e in range(3)]
+    _put(storage, f"{trial}/result.json", "\n".join(map(json.dumps, rows)).encode())
+    model = fake_model(storage)
+    model.meta["lineage"] = {
+        "dataset": "bc@v1",
+        "sweep_id": SWEEP,
+        "checkpoint": f"{trial}/checkpoint_000002",
+        "params": {"train.lr": 0.003},
+    }
+    page = Path(write_report(storage, RUN, sweep_id=SWEEP, model=model)).read_text()
+    top = page.split("<h2>Dataset")[0]
+    assert "The registered model came from the sweep" in top and SWEEP in top
+    assert "_inline_trial_a1b2c_00000" in top and "train.lr" in top
+    assert len(images(top)) == 1  # the trial's learning curves
+    # a model from this run: no such section
+    page = Path(write_report(storage, RUN, sweep_id=SWEEP, model=fake_model(storage))).read_text()
+    assert "came from the sweep" not in page

@@ -77,6 +77,7 @@ def write_report(
             dataset = None
     sweep = run_folder(storage, sweep_id) if sweep_id else None
     sections = [
+        _winner_section(storage, model, run_id),
         _dataset_section(dataset, record.get("dataset")),
         _training_section(storage, run, run_id, record),
         _tuning_section(storage, sweep, sweep_id),
@@ -299,6 +300,35 @@ def _model_section(
     if served_metrics:
         out.append("<h3>Served model on the test split, over HTTP</h3>")
         out.append(_kv(sorted(served_metrics.items())))
+    return "\n".join(out)
+
+
+def _winner_section(storage: Storage, model: ModelVersion | None, run_id: str) -> str:
+    """When the registered model came from a sweep's trial, not from this run: which one, its
+    parameters and its learning curves (from the trial's result.json), at the top."""
+    lineage = (model.meta.get("lineage", {}) if model is not None else {}) or {}
+    sweep_id, checkpoint = lineage.get("sweep_id"), lineage.get("checkpoint", "")
+    if not sweep_id or lineage.get("run_id") == run_id:
+        return ""
+    trial = checkpoint.rstrip("/").rsplit("/", 2)[-2] if "/" in checkpoint else ""
+    metric = model.meta.get("config", {}).get("train", {}).get("metric", "val_loss")
+    out = [
+        "<h2>The registered model came from the sweep</h2>",
+        f'<p class="note">{_e(model.ref)} is the best trial of sweep <code>{_e(sweep_id)}</code>, '
+        f"not this run {_e(run_id)}: its trial and curves first; this run's follow.</p>",
+        _kv([("trial", trial), *sorted((k, v) for k, v in lineage.get("params", {}).items())]),
+    ]
+    history = []
+    path = f"{checkpoint.rstrip('/').rsplit('/', 1)[0]}/result.json" if trial else ""
+    if path and storage.exists(path):
+        lines = storage.read_bytes(path).decode().splitlines()
+        history = [json.loads(line) for line in lines if line.strip()]
+    if history:
+        from dcml.plots import learning_curves
+
+        out.append(_png_figure(learning_curves(history, metric), f"trial {trial}: learning curves"))
+    else:
+        out.append(f'<p class="muted">trial {_e(trial)}: no result.json stored.</p>')
     return "\n".join(out)
 
 
