@@ -31,6 +31,7 @@ HISTORY = "history.csv"  # one row per epoch (also a run's own history.csv)
 # a run's outputs
 TEST_METRICS = "test_metrics.json"
 IMPORTANCE = "feature_importance.json"  # permutation importance on the validation split
+TRIAL_RESULTS = "result.json"  # in a Tune trial's folder: its reports, one JSON object a line
 PLOTS = "plots"
 REPORT = "report.html"
 # a run's plots of its results (the test split's, and importance on validation), in the order
@@ -75,6 +76,18 @@ def prediction_log_folder(
 
 def monitoring_folder(storage: Storage, name: str, version: int | str) -> str:
     return storage.path("monitoring", name, str(version))
+
+
+def read_trial_results(storage: Storage, trial_folder: str) -> list[dict]:
+    """What a Tune trial reported, epoch by epoch (its result.json, one JSON object a line);
+    empty if it stored none."""
+    import json
+
+    path = f"{trial_folder}/{TRIAL_RESULTS}"
+    if not storage.exists(path):
+        return []
+    lines = storage.read_bytes(path).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_weights(storage: Storage, folder: str) -> bytes:

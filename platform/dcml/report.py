@@ -17,7 +17,17 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from dcml.layout import HISTORY, PLOTS, REPORT, RESULT_PLOTS, RUN_JSON, TEST_METRICS, run_folder
+from dcml.layout import (
+    HISTORY,
+    PLOTS,
+    REPORT,
+    RESULT_PLOTS,
+    RUN_JSON,
+    TEST_METRICS,
+    TRIAL_RESULTS,
+    read_trial_results,
+    run_folder,
+)
 from dcml.storage import Storage
 
 if TYPE_CHECKING:  # `dcml report` only looks a report up: it starts without torch and Ray
@@ -318,17 +328,14 @@ def _winner_section(storage: Storage, model: ModelVersion | None, run_id: str) -
         f"not this run {_e(run_id)}: its trial and curves first; this run's follow.</p>",
         _kv([("trial", trial), *sorted((k, v) for k, v in lineage.get("params", {}).items())]),
     ]
-    history = []
-    path = f"{checkpoint.rstrip('/').rsplit('/', 1)[0]}/result.json" if trial else ""
-    if path and storage.exists(path):
-        lines = storage.read_bytes(path).decode().splitlines()
-        history = [json.loads(line) for line in lines if line.strip()]
+    folder = checkpoint.rstrip("/").rsplit("/", 1)[0]
+    history = read_trial_results(storage, folder) if trial else []
     if history:
         from dcml.plots import learning_curves
 
         out.append(_png_figure(learning_curves(history, metric), f"trial {trial}: learning curves"))
     else:
-        out.append(f'<p class="muted">trial {_e(trial)}: no result.json stored.</p>')
+        out.append(f'<p class="muted">trial {_e(trial)}: no {TRIAL_RESULTS} stored.</p>')
     return "\n".join(out)
 
 

@@ -24,7 +24,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dcml import console, registry
 from dcml.config import PipelineConfig
-from dcml.layout import HISTORY, META, PLOTS, REPORT, RUN_JSON, TEST_METRICS, run_folder
+from dcml.layout import (
+    HISTORY,
+    META,
+    PLOTS,
+    REPORT,
+    RUN_JSON,
+    TEST_METRICS,
+    read_trial_results,
+    run_folder,
+)
 from dcml.storage import Storage, read_json_or_none
 
 Log = Callable[[str], None]
@@ -233,7 +242,7 @@ def _sweep(client, experiment: str, storage: Storage, sweep_id: str) -> str:
     for trial in trials:
         tid = trial["trial"]
         folder = next((f for f in folders if f"_{tid}_" in f), None)
-        results = _results(storage, f"{sweep}/{folder}") if folder else []
+        results = read_trial_results(storage, f"{sweep}/{folder}") if folder else []
         start = results[0]["timestamp"] - results[0].get("time_this_iter_s", 0) if results else end
         if tid not in done:
             tags = {"mlflow.parentRunId": parent, "dcml.trial": tid, "dcml.sweep_id": sweep_id}
@@ -266,15 +275,6 @@ def _sweep(client, experiment: str, storage: Storage, sweep_id: str) -> str:
     _artifacts(client, parent, storage, files)
     client.set_terminated(parent, "FINISHED", end_time=_ms(end))
     return parent
-
-
-def _results(storage: Storage, trial_folder: str) -> list[dict[str, Any]]:
-    """A Tune trial's reported results (its result.json, one JSON object a line)."""
-    path = f"{trial_folder}/result.json"
-    if not storage.exists(path):
-        return []
-    lines = storage.read_bytes(path).decode().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _sync_aliases(client, experiment: str, storage: Storage, name: str) -> None:

@@ -20,12 +20,17 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """A checkpoint's metrics on a split of the dataset (in the driver); also the labels and
     the model's outputs, for plots."""
-    meta = storage.read_json(f"{checkpoint}/{META}")
-    model = load_model(storage, checkpoint, meta["model_spec"])
-    _, x, y = read_split_numpy(storage, dataset, split)
+    model, x, y = _model_and_split(storage, dataset, checkpoint, split)
     task = dataset.manifest["task"]
     out = predict(model, torch.as_tensor(x), task)
     return task_metrics(task, y, out), y, out
+
+
+def _model_and_split(storage: Storage, dataset: DatasetVersion, checkpoint: str, split: str):
+    """A checkpoint's model, and a split's features and labels."""
+    meta = storage.read_json(f"{checkpoint}/{META}")
+    _, x, y = read_split_numpy(storage, dataset, split)
+    return load_model(storage, checkpoint, meta["model_spec"]), x, y
 
 
 # the score permutation importance takes per task, and whether a higher one is better
@@ -44,9 +49,7 @@ def permutation_importance(
     """How much the split's score (ROC AUC, accuracy or RMSE) worsens when one raw input's
     values are shuffled across rows, on average over `repeats` shuffles: per input column (a
     categorical column's one-hot features move together). At most `max_rows` rows, seeded."""
-    meta = storage.read_json(f"{checkpoint}/{META}")
-    model = load_model(storage, checkpoint, meta["model_spec"])
-    _, x, y = read_split_numpy(storage, dataset, split)
+    model, x, y = _model_and_split(storage, dataset, checkpoint, split)
     task = dataset.manifest["task"]
     rng = np.random.default_rng(seed)
     if len(x) > max_rows:
