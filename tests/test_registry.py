@@ -2,7 +2,7 @@
 
 import pytest
 
-from dcml import registry
+from dcml import layout, registry
 from dcml.cli import main
 from dcml.storage import Storage
 
@@ -10,7 +10,7 @@ from dcml.storage import Storage
 def add_version(storage: Storage, tmp_path, auc: float) -> registry.ModelVersion:
     ckpt = tmp_path / f"ckpt-{auc}"
     ckpt.mkdir()
-    (ckpt / registry.WEIGHTS).write_bytes(b"weights")
+    (ckpt / layout.WEIGHTS).write_bytes(b"weights")
     meta = {
         "metrics": {"test_roc_auc": auc},
         "config": {"train": {"metric": "val_roc_auc", "mode": "max"}},

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from dcml import registry
+from dcml import layout, registry
 from dcml.cli import main
 from dcml.data.catalog import list_versions, verify_dataset
 from dcml.predictor import Predictor
@@ -239,7 +239,7 @@ def test_one_changed_byte_is_named_by_verify_and_refused_by_training_and_serving
     storage = Storage(str(root))
     ckpt, meta = checkpoint(storage, tmp_path / "ckpt")
     mv = registry.register(storage, "m", ckpt, {**meta, "metrics": {"test_loss": 0.1}})
-    weights = root / "models" / "m" / "1" / registry.WEIGHTS
+    weights = root / "models" / "m" / "1" / layout.WEIGHTS
     flip_byte(weights)
     assert main(["models", "verify", "m@1", *at]) == 1
     assert f"altered: {weights} (SHA-256 differs" in capsys.readouterr().err

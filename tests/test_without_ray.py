@@ -582,7 +582,7 @@ def test_the_token_comes_from_the_environment_or_a_file_that_can_rotate(tmp_path
 
 
 def test_model_options_width_list_norm_residual():
-    from dcml.config_sections import ModelConfig
+    from dcml.config_model import ModelConfig
     from dcml.train.model import model_spec
 
     cfg = ModelConfig(depth=3, width=[16, 16, 8], norm="batch", residual=True, dropout=0.0)

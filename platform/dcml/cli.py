@@ -316,12 +316,12 @@ def _shutdown(serving: PipelineConfig | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except (typer.Exit, click.exceptions.Exit) as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors
+    except (typer.TyperException, click.ClickException) as e:  # usage errors (typer vendors click)
         e.show()
         return e.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, click.Abort, KeyboardInterrupt):
         _shutdown()
         return 130
     except Exception as e:

@@ -15,13 +15,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from dcml.config_model import ModelConfig
 from dcml.config_sections import (
     AUTO_METRIC,
     TASK_METRICS,
     ClusterConfig,
     ConfigError,
     DataConfig,
-    ModelConfig,
     StorageConfig,
     TrainConfig,
     TuneConfig,
@@ -74,6 +74,10 @@ class PipelineConfig(_Section):
             raise ValueError("tune.workers_per_trial: PBT trains each trial in one process (1)")
         if self.tune.scheduler == "pbt" and self.train.cache == "none":
             raise ValueError("train.cache: PBT trials cache their split (memory or device)")
+        if self.model.family == "gbdt" and self.train.init_from:
+            raise ValueError("train.init_from: fine-tuning starts from an MLP's weights (mlp)")
+        if self.tune.scheduler == "pbt" and self.model.family == "gbdt":
+            raise ValueError("tune.scheduler: PBT copies an MLP's weights between trials (mlp)")
         if self.train.freeze_layers > self.model.depth:
             raise ValueError(
                 f"train.freeze_layers={self.train.freeze_layers} but model.depth is "
@@ -104,6 +108,8 @@ def _field_problem(path: str) -> str | None:
         return "a sweep varies the model and its training (model.*, train.*, seed)"
     if path == "train.epochs":
         return "a trial's epoch budget is tune.epochs (ASHA stops trials early by epoch)"
+    if path == "model.gbdt.checkpoint_every":
+        return "a sweep cuts each trial's rounds into tune.epochs reports itself"
     return None
 
 

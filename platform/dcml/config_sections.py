@@ -212,31 +212,6 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    depth: int = Field(2, ge=0, le=64, description="Hidden layers; 0 is logistic regression.")
-    width: int | list[int] = Field(
-        64, description="Units per hidden layer: one number, or one per layer (depth entries)."
-    )
-    activation: Literal["relu", "gelu", "tanh"] = Field("relu", description="Hidden activation.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
-    norm: Literal["none", "batch", "layer"] = Field(
-        "none", description="Normalisation in each hidden layer (before the activation)."
-    )
-    residual: bool = Field(
-        False,
-        description="Skip connections around hidden layers whose input and output widths match.",
-    )
-
-    @model_validator(mode="after")
-    def _check_width(self) -> ModelConfig:
-        widths = self.width if isinstance(self.width, list) else [self.width]
-        if any(w < 1 for w in widths):
-            raise ValueError("width must be >= 1")
-        if isinstance(self.width, list) and len(self.width) != self.depth:
-            raise ValueError(f"width lists {len(self.width)} layers but depth is {self.depth}")
-        return self
-
-
 class Costs(_Section):
     fp: float = Field(1.0, ge=0, description="The cost of a false positive.")
     fn: float = Field(1.0, ge=0, description="The cost of a false negative.")

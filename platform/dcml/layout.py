@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 MANIFEST = "_manifest.json"  # a committed folder's manifest (dataset, raw data, predictions)
 MODEL_JSON = "model.json"  # a model version's manifest
 CLAIM = "_claim.json"  # who took a model version number
-WEIGHTS = "model.safetensors"  # in model versions and checkpoints
+WEIGHTS = "model.safetensors"  # an MLP's, in model versions and checkpoints
+BOOSTER = "model.ubj"  # a gbdt model's booster in XGBoost's UBJSON (no pickle), likewise
 RUN_JSON = "run.json"  # a run's dataset and config, created when it starts
 # inside a checkpoint
 TRAIN_STATE = "train_state.pt"  # optimiser, epoch, early-stopping and scheduler state
@@ -31,6 +32,7 @@ HISTORY = "history.csv"  # one row per epoch (also a run's own history.csv)
 # a run's outputs
 TEST_METRICS = "test_metrics.json"
 IMPORTANCE = "feature_importance.json"  # permutation importance on the validation split
+GAIN = "gain_importance.json"  # gbdt: each input's share of the trees' total gain
 TRIAL_RESULTS = "result.json"  # in a Tune trial's folder: its reports, one JSON object a line
 PLOTS = "plots"
 REPORT = "report.html"
@@ -45,6 +47,7 @@ RESULT_PLOTS = {
     "residuals.png": "Residuals (test split)",
     "feature_importance.png": "Permutation importance: the score lost when an input is shuffled "
     "(validation split)",
+    "gain_importance.png": "Gain importance: each input's share of the trees' total gain (gbdt)",
 }
 
 
@@ -90,6 +93,11 @@ def read_trial_results(storage: Storage, trial_folder: str) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def read_weights(storage: Storage, folder: str) -> bytes:
-    """The safetensors bytes of a checkpoint or model version folder."""
-    return storage.read_bytes(f"{folder}/{WEIGHTS}")
+def model_file(spec: dict | None) -> str:
+    """The file that holds a model of this spec: safetensors (MLP) or a booster (gbdt)."""
+    return BOOSTER if (spec or {}).get("kind") == "gbdt" else WEIGHTS
+
+
+def read_weights(storage: Storage, folder: str, spec: dict | None = None) -> bytes:
+    """The model bytes of a checkpoint or model version folder (an MLP's unless `spec` says)."""
+    return storage.read_bytes(f"{folder}/{model_file(spec)}")

@@ -106,15 +106,17 @@ def stage_train(
     storage = Storage.from_config(cfg)
     run_id = run_id or new_run_id("train")
     dataset = _open_run(cfg, storage, run_id, dataset_ref, resume, "train")
-    log(
-        f"{'resuming' if resume else 'training'} on {dataset.ref}: {cfg.train.workers} DDP "
-        f"worker(s), {cfg.train.epochs} epochs, run {run_id}"
-    )
+    budget = f"{cfg.train.workers} DDP worker(s), {cfg.train.epochs} epochs"
+    if cfg.model.family == "gbdt":
+        budget = f"{cfg.train.workers} XGBoost worker(s), up to {cfg.model.gbdt.rounds} rounds"
+    log(f"{'resuming' if resume else 'training'} on {dataset.ref}: {budget}, run {run_id}")
     outcome = fit(cfg, storage, dataset, run_id)
     tracking.log_training(cfg, storage, run_id, log)
     test = {k.removeprefix("test_"): v for k, v in outcome.test_metrics.items()}
+    m = outcome.metrics
+    best = f"round {m['best_round']}" if "best_round" in m else f"epoch {m['epoch'] + 1}"
     log(
-        f"best checkpoint: epoch {outcome.metrics['epoch'] + 1}, "
+        f"best checkpoint: {best}, "
         f"{cfg.train.metric}={outcome.metrics[cfg.train.metric]:.4f}; test {format_metrics(test)}"
         f"\nrun outputs (history.csv, test_metrics.json, plots/): "
         f"{storage.uri('runs', run_id)}"
@@ -174,7 +176,7 @@ def stage_register(
     }
     # Test metrics of exactly what gets registered (weights + preprocessor through the
     # Predictor), with the test twin of every metric `train.metric` can name (loss included).
-    predictor = Predictor(read_weights(storage, checkpoint_path), meta)
+    predictor = Predictor(read_weights(storage, checkpoint_path, meta["model_spec"]), meta)
     task = dataset.manifest["task"]
     threshold = 0.5
     if task == "binary":  # the decision threshold, chosen on the validation split

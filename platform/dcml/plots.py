@@ -25,17 +25,20 @@ def _png(fig) -> bytes:
 
 
 def learning_curves(history: list[dict[str, float]], metric: str) -> bytes:
-    """Training and validation loss, and the selection metric, per epoch."""
+    """Training and validation loss, and the selection metric, per epoch (per boosting round
+    for gbdt, whose history has a `round` column)."""
     fig = _figure(9.0, 3.6)
     loss_ax, metric_ax = fig.subplots(1, 2)
     epochs = [int(h["epoch"]) + 1 for h in history]
+    step = "boosting round" if history and "round" in history[0] else "epoch"
+    marker = "." if len(history) <= 60 else None
     for key, label in (("train_loss", "training"), ("val_loss", "validation")):
         if any(key in h for h in history):
-            loss_ax.plot(epochs, [h.get(key, np.nan) for h in history], marker=".", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+            loss_ax.plot(epochs, [h.get(key, np.nan) for h in history], marker=marker, label=label)
+    loss_ax.set(xlabel=step, ylabel="loss", title="Loss")
     loss_ax.legend()
-    metric_ax.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", color="C2")
-    metric_ax.set(xlabel="epoch", ylabel=metric, title=metric)
+    metric_ax.plot(epochs, [h.get(metric, np.nan) for h in history], marker=marker, color="C2")
+    metric_ax.set(xlabel=step, ylabel=metric, title=metric)
     for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -113,13 +116,13 @@ def metric_by_param(
     return _png(fig)
 
 
-def trial_curves(curves: dict[str, tuple[list, list]], metric: str) -> bytes:
-    """A sweep: each trial's metric per epoch (trials stopped early end early)."""
+def trial_curves(curves: dict[str, tuple[list, list]], metric: str, xlabel: str = "epoch") -> bytes:
+    """A sweep: each trial's metric per report (trials stopped early end early)."""
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
     for trial, (epochs, values) in sorted(curves.items()):
         ax.plot(epochs, values, marker=".", label=trial)
-    ax.set(xlabel="epoch", ylabel=metric, title="Trials")
+    ax.set(xlabel=xlabel, ylabel=metric, title="Trials")
     if 0 < len(curves) <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -223,14 +226,21 @@ def residuals(y: np.ndarray, pred: np.ndarray) -> bytes:
     return _png(fig)
 
 
-def feature_importance(importance: dict[str, float], metric: str, top: int = 20) -> bytes:
-    """The inputs whose shuffling worsens the score most, as horizontal bars."""
+def feature_importance(
+    importance: dict[str, float],
+    metric: str,
+    top: int = 20,
+    title: str = "Permutation importance",
+    xlabel: str | None = None,
+) -> bytes:
+    """The inputs whose shuffling worsens the score most (or another importance), as
+    horizontal bars."""
     ranked = sorted(importance.items(), key=lambda kv: kv[1], reverse=True)[:top]
     names, values = [k for k, _ in ranked][::-1], [v for _, v in ranked][::-1]
     fig = _figure(6.5, 0.28 * len(names) + 1.4)
     ax = fig.subplots()
     ax.barh(names, values)
     ax.axvline(0, color="grey", linewidth=0.8)
-    ax.set(xlabel=f"{metric} lost when the input is shuffled", title="Permutation importance")
+    ax.set(xlabel=xlabel or f"{metric} lost when the input is shuffled", title=title)
     ax.tick_params(axis="y", labelsize=7)
     return _png(fig)

@@ -9,16 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 
 from dcml.data.transforms import Preprocessor
-from dcml.layout import MODEL_JSON, WEIGHTS, read_weights
-from dcml.train.model import build_model
+from dcml.layout import MODEL_JSON, model_file, read_weights
+from dcml.train.model import model_from_bytes
 from dcml.train.step import predict
 
 
 class Predictor:
     def __init__(self, weights: bytes, meta: dict[str, Any], device: str = "cpu"):
+        """`weights`: the model file's bytes (an MLP's safetensors or a gbdt booster's UBJSON,
+        as `meta["model_spec"]` says)."""
         self.meta = meta
         self.preprocessor = Preprocessor.from_json(meta["preprocessor"])
         self.inputs: list[str] = self.preprocessor.inputs  # raw columns a record must hold
@@ -30,17 +31,16 @@ class Predictor:
         self.device = torch.device(device)
         # rows per forward pass: a GPU takes larger ones (its activations stay on the device)
         self.chunk_rows = 65_536 if self.device.type == "cuda" else 8192
-        self.model = build_model(meta["model_spec"])
-        self.model.load_state_dict(load_safetensors(weights))  # safetensors: no pickle
+        self.model = model_from_bytes(meta["model_spec"], weights)  # no pickle
         self.model.to(self.device).eval()
 
     @classmethod
     def from_dir(cls, path: str, device: str = "cpu") -> Predictor:
         """Load from a local model version folder (no Ray, no fsspec needed)."""
-        with open(os.path.join(path, WEIGHTS), "rb") as f:
-            weights = f.read()
         with open(os.path.join(path, MODEL_JSON)) as f:
-            return cls(weights, json.load(f), device)
+            meta = json.load(f)
+        with open(os.path.join(path, model_file(meta["model_spec"])), "rb") as f:
+            return cls(f.read(), meta, device)
 
     @classmethod
     def from_storage(cls, storage, path: str, device: str = "cpu") -> Predictor:
@@ -51,16 +51,17 @@ class Predictor:
         from dcml.storage import DamagedError, lists_files
 
         meta = storage.read_json(f"{path}/{MODEL_JSON}")
-        weights = read_weights(storage, path)
+        name = model_file(meta["model_spec"])
+        weights = read_weights(storage, path, meta["model_spec"])
         listed = {e["path"]: e for e in meta.get("files", [])}
-        entry = listed.get(WEIGHTS)
+        entry = listed.get(name)
         if lists_files(meta) and (
             entry is None
             or entry["bytes"] != len(weights)
             or entry["sha256"] != hashlib.sha256(weights).hexdigest()
         ):
             raise DamagedError(
-                f"{storage.to_uri(f'{path}/{WEIGHTS}')} is not the file its model.json lists "
+                f"{storage.to_uri(f'{path}/{name}')} is not the file its model.json lists "
                 "(altered or partly written); not loading it"
             )
         return cls(weights, meta, device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcml.direction import better, mode_of
-from dcml.layout import CLAIM, MODEL_JSON, WEIGHTS, alias_folder, model_folder, read_weights
+from dcml.layout import CLAIM, MODEL_JSON, alias_folder, model_file, model_folder, read_weights
 from dcml.storage import Commit, Storage, check_files, read_manifest, require_intact
 
 
@@ -71,14 +71,15 @@ def _claim(storage: Storage, name: str) -> int:
 def register(
     storage: Storage, name: str, checkpoint_path: str, meta: dict[str, Any]
 ) -> ModelVersion:
-    """Copy a checkpoint's weights into a new version with `meta` (spec, preprocessor, lineage)."""
+    """Copy a checkpoint's model file into a new version with `meta` (spec, preprocessor,
+    lineage)."""
     if not name or "/" in name or name.startswith((".", "_")):
         raise ValueError(f"bad model name {name!r}")
-    weights = read_weights(storage, checkpoint_path)
+    weights = read_weights(storage, checkpoint_path, meta.get("model_spec"))
     version = _claim(storage, name)
     commit = Commit(storage, model_folder(storage, name, version), MODEL_JSON, prefix="")
     try:
-        commit.put(WEIGHTS, weights)
+        commit.put(model_file(meta.get("model_spec")), weights)
         full = {**meta, "name": name, "version": version, "created_at": time.time()}
         full = commit.commit(full)
     except BaseException:

@@ -17,6 +17,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from dcml.config_model import family_fields
 from dcml.layout import (
     HISTORY,
     PLOTS,
@@ -187,7 +188,7 @@ def _training_section(storage: Storage, run: str, run_id: str, record: dict[str,
     if not storage.exists(run):
         return f'{head}<p class="muted">not run: no folder {_e(storage.to_uri(run))}.</p>'
     out = [head, f"<p>run <code>{_e(run_id)}</code> at <code>{_e(storage.to_uri(run))}</code></p>"]
-    config = record.get("config") or {}
+    config = family_fields(record.get("config") or {})
     tables = [
         f"<div><h3>{name}</h3>{_kv(sorted(config[name].items()))}</div>"
         for name in ("model", "train")
@@ -202,8 +203,17 @@ def _training_section(storage: Storage, run: str, run_id: str, record: dict[str,
     history = _read_csv(storage, f"{run}/{HISTORY}")
     if history:
         columns = [c for c in history[0] if c not in HISTORY_HIDDEN]
+        title = "History (per epoch)"
+        if "round" in columns:  # gbdt: a round per row, at most 50 rows shown
+            columns.remove("epoch")
+            step = -(-len(history) // 50)
+            if step > 1:
+                title = f"History (every {step}th boosting round; history.csv has each)"
+                history = [h for i, h in enumerate(history) if (i + 1) % step == 0 or i == 0]
+            else:
+                title = "History (per boosting round)"
         rows = [[_from_one(r[c]) if c == "epoch" else r[c] for c in columns] for r in history]
-        out.append('<h3>History (per epoch)</h3><div class="scroll">')
+        out.append(f'<h3>{title}</h3><div class="scroll">')
         out.append(_table(columns, rows) + "</div>")
     else:
         out.append('<p class="muted">no history.csv stored.</p>')

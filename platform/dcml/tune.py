@@ -61,6 +61,14 @@ def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig
     return with_values(base, {**params, "train.epochs": base.tune.epochs}, "trial config")
 
 
+def gbdt_reports(cfg: PipelineConfig) -> int | None:
+    """A gbdt trial's rounds per report: its rounds cut into at most tune.epochs reports, the
+    unit ASHA counts (None for an MLP trial, which reports every epoch)."""
+    if cfg.model.family != "gbdt":
+        return None
+    return max(1, math.ceil(cfg.model.gbdt.rounds / cfg.tune.epochs))
+
+
 def concurrency(cfg: PipelineConfig) -> int:
     """Trials at once: what `tune.max_cpus`/`max_gpus` (default: the cluster) hold, capped by
     `tune.max_concurrent_trials`."""
@@ -110,6 +118,7 @@ def _trial(
         workers=cfg.tune.workers_per_trial,
         callbacks=[TuneReportCallback()],
         progress=False,
+        report_every=gbdt_reports(cfg),
     )
     trainer.fit()
 
@@ -140,7 +149,13 @@ def _inline_trial(
     }
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     config = loop_config(cfg, storage, dataset, progress=False)
-    train_func(config, TrialSession(splits, device, cfg.train.epochs))
+    if cfg.model.family == "gbdt":
+        from dcml.train.gbdt import gbdt_train_func
+
+        config["report_every"] = gbdt_reports(cfg)
+        gbdt_train_func(config, TrialSession(splits, device, cfg.model.gbdt.rounds))
+    else:
+        train_func(config, TrialSession(splits, device, cfg.train.epochs))
 
 
 def _mutations(cfg: PipelineConfig) -> dict[str, Any]:
@@ -293,14 +308,17 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         }
         if df is not None and "time_total_s" in df:  # from the trial's start to its last report
             row["seconds"] = round(float(df["time_total_s"].max()), 3)
+        budget = cfg.tune.epochs
         if df is not None and metric in df:
             row["epochs"] = int(df["epoch"].max()) + 1 if "epoch" in df else len(df)
-            curves[trial_id] = (list(df["epoch"] + 1), list(df[metric]))
+            curves[trial_id] = (list(range(1, len(df) + 1)), list(df[metric]))  # per report
+            if "rounds_budget" in df:  # gbdt: epochs counts rounds
+                budget = int(df["rounds_budget"].max())
         found = _best_kept(storage, result, metric, mode)
         if found is not None:
             row[metric] = found[0]
             kept.append((found[0], 0, found[1], result.config))
-        if not result.error and row["epochs"] < cfg.tune.epochs:
+        if not result.error and row["epochs"] < budget:
             row["status"] = "stopped early"
         trials.append(row)
     sign = 1 if mode == "max" else -1  # best first, trials without a value last
@@ -364,12 +382,19 @@ def _write_results(storage: Storage, sweep_path: str, trials, curves, cfg: Pipel
     params = list(cfg.tune.space)
     images = {
         "metric_by_param.png": plots.metric_by_param(trials, params, metric, log_scale),
-        "trial_curves.png": plots.trial_curves(curves, metric),
+        "trial_curves.png": plots.trial_curves(curves, metric, _report_unit(cfg)),
     }
     storage.fs.makedirs(f"{sweep_path}/plots", exist_ok=True)
     for name, data in images.items():
         with storage.fs.open(f"{sweep_path}/plots/{name}", "wb") as f:
             f.write(data)
+
+
+def _report_unit(cfg: PipelineConfig) -> str:
+    """What one report of a trial is: an epoch, or for gbdt a share of its rounds."""
+    if cfg.model.family == "mlp" and "model.family" not in cfg.tune.space:
+        return "epoch"
+    return f"report (an epoch, or 1/{cfg.tune.epochs} of a gbdt trial's rounds)"
 
 
 def _cell(value: Any) -> Any:

@@ -50,13 +50,15 @@ class TrialProgress(Callback):
         row["status"] = "running"
         if "epoch" in result:
             row["epochs"] = int(result["epoch"]) + 1
+        row["budget"] = result.get("rounds_budget", self.epochs)  # gbdt: its rounds
         if self.metric in result:
             row[self.metric] = float(result[self.metric])
         self._draw()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         row = self._row(trial)
-        row["status"] = "finished" if row["epochs"] >= self.epochs else "stopped early"
+        budget = row.get("budget", self.epochs)
+        row["status"] = "finished" if row["epochs"] >= budget else "stopped early"
         self._ended(row)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
@@ -74,7 +76,8 @@ class TrialProgress(Callback):
             self._draw()
         elif console.enabled():
             params = ", ".join(f"{p}={_short(row[p])}" for p in self.params)
-            line = f"trial {row['trial']} {row['status']} after {row['epochs']} epoch(s)"
+            unit = "epoch(s)" if row.get("budget", self.epochs) == self.epochs else "round(s)"
+            line = f"trial {row['trial']} {row['status']} after {row['epochs']} {unit}"
             if row["error"]:
                 line += f": {row['error']}"
             elif row[self.metric] == row[self.metric]:

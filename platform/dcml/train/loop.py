@@ -214,5 +214,8 @@ def fit_local(
     folder resumes from the latest). Returns the metrics reported, one dict per epoch."""
     session = LocalSession(splits, folder, device)
     config = {"cfg": cfg, "features": features, "task": task, "classes": classes}
-    train_func({**config, "class_weights": None, "progress": False}, session)
+    loop = train_func
+    if cfg.model.family == "gbdt":
+        from dcml.train.gbdt import gbdt_train_func as loop
+    loop({**config, "class_weights": None, "progress": False}, session)
     return session.reported

@@ -63,12 +63,22 @@ def n_outputs(task: str, classes: list | None) -> int:
     return len(classes) if task == "multiclass" else 1
 
 
-def load_model(storage, folder: str, spec: dict[str, Any]) -> nn.Sequential:
-    """The model of a checkpoint or model version folder, its weights loaded without pickle."""
+def model_from_bytes(spec: dict[str, Any], data: bytes) -> nn.Module:
+    """A stored model, either family, without pickle: an MLP from safetensors, a booster from
+    XGBoost's UBJSON (behind the same interface: features in, logits or values out)."""
+    if spec.get("kind") == "gbdt":
+        from dcml.train.booster import BoosterModel
+
+        return BoosterModel(data, spec)
     from safetensors.torch import load
 
+    model = build_model(spec)
+    model.load_state_dict(load(data))
+    return model
+
+
+def load_model(storage, folder: str, spec: dict[str, Any]) -> nn.Module:
+    """The model of a checkpoint or model version folder."""
     from dcml.layout import read_weights
 
-    model = build_model(spec)
-    model.load_state_dict(load(read_weights(storage, folder)))
-    return model
+    return model_from_bytes(spec, read_weights(storage, folder, spec))

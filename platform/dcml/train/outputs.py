@@ -85,6 +85,7 @@ def write_plots(
     y: np.ndarray,
     out: np.ndarray,
     importance: dict[str, float] | None = None,
+    gain: dict[str, float] | None = None,
 ) -> list[str]:
     """PNGs under <run>/plots/ (layout.RESULT_PLOTS names those of the test split): learning curves;
     binary: ROC curve, calibration and confusion matrix; multiclass: confusion matrix and each
@@ -112,6 +113,10 @@ def write_plots(
     if importance:
         images["feature_importance.png"] = plots.feature_importance(
             importance, IMPORTANCE_METRIC[task]
+        )
+    if gain:
+        images["gain_importance.png"] = plots.feature_importance(
+            gain, "gain", title="Gain importance", xlabel="share of the trees' total gain"
         )
     storage.fs.makedirs(f"{run}/{PLOTS}", exist_ok=True)
     for name, data in images.items():

@@ -100,6 +100,7 @@ class EarlyStop:
     best: float | None = None
     bad_epochs: int = 0
     reason: str = ""  # why it stopped
+    unit: str = "epochs"  # what `patience` counts (gbdt: rounds)
 
     def update(self, value: float) -> bool:
         """Record an epoch's metric; True when training should stop."""
@@ -111,7 +112,7 @@ class EarlyStop:
         if self.target is not None and sign * (value - self.target) >= 0:
             self.reason = f"reached the target {self.target:g}"
         elif self.patience is not None and self.bad_epochs >= self.patience:
-            self.reason = f"no improvement for {self.patience} epochs"
+            self.reason = f"no improvement for {self.patience} {self.unit}"
         return bool(self.reason)
 
     def state(self) -> dict[str, Any]:
@@ -239,7 +240,19 @@ def evaluate(
 ) -> dict[str, float]:
     """The task's metrics on (x, y), and `loss` (the training loss) when `loss_fn` is given;
     a binary model's labels from `threshold`."""
-    out = raw_outputs(model, x)
+    return evaluate_outputs(raw_outputs(model, x), y, task, loss_fn, prefix, threshold)
+
+
+def evaluate_outputs(
+    out: torch.Tensor,
+    y: np.ndarray,
+    task: str = "binary",
+    loss_fn: Loss | None = None,
+    prefix: str = "val_",
+    threshold: float = 0.5,
+) -> dict[str, float]:
+    """`evaluate` on raw outputs (logits, values) however they were computed: an MLP's, or a
+    boosted model's margins."""
     metrics = task_metrics(task, y, read_outputs(out, task), threshold)
     if loss_fn is not None:
         metrics = {"loss": float(loss_fn(out, label_tensor(y, task, out.device))), **metrics}

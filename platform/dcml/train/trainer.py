@@ -1,7 +1,7 @@
-"""Ray Train wiring: the one place that builds a `TorchTrainer`, and a training run from start to
-outputs.
+"""Ray Train wiring: the one place that builds a trainer (a `TorchTrainer` for the MLP, an
+`XGBoostTrainer` for gbdt), and a training run from start to outputs.
 
-Both `dcml train` and every Tune trial that trains with DDP build their trainer with
+Both `dcml train` and every Tune trial that trains on Ray Train workers build their trainer with
 `build_trainer`, so the two cannot drift apart. Ray-version-specific calls for training live here.
 """
 
@@ -19,7 +19,7 @@ from dcml import console
 from dcml.config import PipelineConfig
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
-from dcml.layout import IMPORTANCE, META, TEST_METRICS, read_weights, run_folder
+from dcml.layout import GAIN, IMPORTANCE, META, TEST_METRICS, read_weights, run_folder
 from dcml.storage import Storage
 from dcml.train.checkpoint import freeze, load_matching
 from dcml.train.ingest import SMALL_SPLIT_BYTES, is_small, split_dataset
@@ -118,6 +118,10 @@ def loop_config(
     fine-tuning source (checked here, in the driver). The epoch budget is `cfg.train.epochs`."""
     m = dataset.manifest
     spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
+    if cfg.model.family == "gbdt":
+        from dcml.train.booster import require_xgboost
+
+        require_xgboost()  # in the driver: fail before any worker starts
     return {
         "cfg": cfg,
         "features": m["features"],
@@ -139,7 +143,10 @@ def build_trainer(
     workers: int | None = None,
     callbacks: list | None = None,
     progress: bool | str = True,
+    report_every: int | None = None,
 ):
+    """`report_every`: gbdt's rounds per report in a sweep (model.gbdt.checkpoint_every
+    otherwise)."""
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -150,6 +157,13 @@ def build_trainer(
     )
     from ray.train.torch import TorchTrainer
 
+    trainer_class, train_loop = TorchTrainer, train_func
+    if cfg.model.family == "gbdt":
+        from ray.train.xgboost import XGBoostTrainer
+
+        from dcml.train.gbdt import gbdt_train_func
+
+        trainer_class, train_loop = XGBoostTrainer, gbdt_train_func
     workers = workers or cfg.train.workers
     rows = dataset.manifest["rows"]["train"]
     if rows < workers:  # refused before any worker starts: some would have no rows
@@ -165,8 +179,9 @@ def build_trainer(
     small = is_small(dataset, "train") and decoded <= SMALL_SPLIT_BYTES
     sliced = cfg.train.cache != "none" and small
     config = {**loop_config(cfg, storage, dataset, progress), "train_rows": rows if sliced else 0}
-    return TorchTrainer(
-        train_func,
+    config["report_every"] = report_every
+    return trainer_class(
+        train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -225,7 +240,14 @@ def fit(
     history = publish_history(storage, run, result.checkpoint.path)
     importance = permutation_importance(storage, dataset, path, seed=cfg.seed)
     storage.write_json(f"{run}/{IMPORTANCE}", importance)
-    write_plots(storage, run, history, cfg.train.metric, dataset, y, out, importance)
+    gain = None
+    spec = storage.read_json(f"{path}/{META}")["model_spec"]
+    if spec.get("kind") == "gbdt":
+        from dcml.train.booster import gain_importance
+
+        gain = gain_importance(read_weights(storage, path, spec), dataset.manifest["features"])
+        storage.write_json(f"{run}/{GAIN}", gain)
+    write_plots(storage, run, history, cfg.train.metric, dataset, y, out, importance, gain)
     metrics = storage.read_json(f"{path}/{META}")["metrics"]
     return TrainOutcome(run_id, path, metrics, {f"test_{k}": v for k, v in test.items()})
 
