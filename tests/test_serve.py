@@ -18,6 +18,7 @@ import requests
 from ray import serve
 
 from dcml import registry
+from dcml.config import with_values
 from dcml.http_app import BATCH_SIZE_HEADER
 from dcml.pipeline import raw_test_rows, stage_register
 from dcml.predictor import Predictor
@@ -34,9 +35,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """bc@1 and bc@2 (other weights: another seed) registered; bc@production -> 1 served by 2
-    replicas. The models are trained by the training loop in this process: these tests are about
-    serving."""
+    """bc@1 (an MLP) and bc@2 (gradient-boosted trees) registered; bc@production -> 1 served
+    by 2 replicas. The models are trained by the training loops in this process: these tests are
+    about serving."""
     root, dv = preprocessed(tmp_path_factory.mktemp("serve") / "store")
     cfg = make_config(
         root,
@@ -52,8 +53,9 @@ def served(tmp_path_factory):
     )
     checkpoint = trained_in_process(cfg, dv, root / "runs" / "serve")
     v1 = stage_register(cfg, dv, checkpoint, {}, ["production"], quiet)
-    other = trained_in_process(cfg.model_copy(update={"seed": 1}), dv, root / "runs" / "serve-2")
-    v2 = stage_register(cfg, dv, other, {}, [], quiet)
+    trees = with_values(cfg, {"model.family": "gbdt", "model.gbdt.rounds": 40})
+    other = trained_in_process(trees, dv, root / "runs" / "serve-2")
+    v2 = stage_register(trees, dv, other, {}, [], quiet)
     url = deploy(cfg, "bc@production")
     storage = Storage.from_config(cfg)
     rows = [
@@ -314,8 +316,8 @@ def wait_for(condition, timeout: float = 60, what: str = "") -> None:
 
 
 def test_moving_the_alias_switches_running_replicas_without_failing_a_request(served):
-    """Two versions with different weights: every answer is exactly the old model's or the new
-    one's, labelled with the version that computed it."""
+    """Two versions, an MLP and then gradient-boosted trees: every answer is exactly the old
+    model's or the new one's, labelled with the version that computed it."""
     cfg, url, storage, rows, (v1, v2) = served
     offline = {
         v.ref: Predictor.from_storage(storage, v.path).predict_records(rows[:1])[0]["probability"]

@@ -120,6 +120,43 @@ def test_asha_stops_a_bad_trial_early(bc):
     assert outcome.params["train.lr"] >= 1e-2
 
 
+def test_a_sweep_over_both_families_registers_the_better_on_validation(tmp_path):
+    """An MLP and gradient-boosted trees in one ASHA sweep on the synthetic data: the trees
+    report their rounds in tune.epochs slices (ASHA's rungs), and whichever trial of either
+    family is best on validation is registered, with its family and its trial's config."""
+    write_shards(tmp_path / "raw", synth_table(4_000, 0, 0), 2)
+    cfg = make_config(
+        tmp_path / "store",
+        data={"name": "fam", "source": str(tmp_path / "raw")},
+        model={"depth": 1, "width": 16, "gbdt": {"rounds": 60, "early_stopping_rounds": 0}},
+        train={"workers": 1, "batch_size": 128},
+        tune={
+            "space": {
+                "model.family": {"grid": ["mlp", "gbdt"]},
+                "model.gbdt.max_depth": {"choice": [3]},
+            },
+            "epochs": 3,
+            "num_samples": 1,
+            "max_concurrent_trials": 2,
+        },
+    )
+    dv = preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    _, outcome = stage_tune(cfg, dv.ref, "fam1", quiet)
+    by_family = {t["model.family"]: t for t in outcome.trials}
+    assert set(by_family) == {"mlp", "gbdt"}
+    assert by_family["mlp"]["epochs"] <= 3
+    assert by_family["gbdt"]["epochs"] in (20, 40, 60)  # rounds, reported every 60 / 3
+    best, other = outcome.trials  # best first
+    assert best["val_roc_auc"] >= other["val_roc_auc"]
+    assert outcome.params["model.family"] == best["model.family"]
+    assert outcome.metrics["val_roc_auc"] == pytest.approx(best["val_roc_auc"])
+
+    lineage = {"sweep_id": "fam1", "params": outcome.params}
+    mv = stage_register(cfg, dv, outcome.checkpoint_path, lineage, [], quiet)
+    assert mv.meta["model_spec"]["kind"] == best["model.family"]
+    assert mv.meta["config"]["model"]["family"] == best["model.family"]
+
+
 def test_population_based_training_moves_weights_between_trials(bc):
     root, dv = bc
     cfg = make_config(

@@ -156,7 +156,13 @@ def stage_register(
     aliases: list[str],
     log: Log = print,
 ) -> registry.ModelVersion:
-    """Register a checkpoint with its preprocessor and its test-split metrics."""
+    """Register a checkpoint with its preprocessor and its test-split metrics. A sweep trial's
+    checkpoint (`lineage` holds its `params`) is registered with that trial's config: its
+    family, loss and threshold policy, and the config stored with it."""
+    if lineage.get("params"):
+        from dcml.tune import trial_config
+
+        cfg = trial_config(cfg, lineage["params"])
     storage = Storage.from_config(cfg)
     ckpt_meta = storage.read_json(f"{checkpoint_path}/{META}")
     meta = {

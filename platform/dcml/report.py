@@ -208,7 +208,7 @@ def _training_section(storage: Storage, run: str, run_id: str, record: dict[str,
             columns.remove("epoch")
             step = -(-len(history) // 50)
             if step > 1:
-                title = f"History (every {step}th boosting round; history.csv has each)"
+                title = f"History (every {step} boosting rounds; history.csv has each)"
                 history = [h for i, h in enumerate(history) if (i + 1) % step == 0 or i == 0]
             else:
                 title = "History (per boosting round)"
