@@ -82,6 +82,22 @@ class ModelConfig(_Section):
         return self
 
 
+MLP_MODEL_FIELDS = ("depth", "width", "activation", "dropout", "norm", "residual")
+
+
+def reads(path: str, family: str) -> bool:
+    """Whether a model of `family` reads the config field at dotted `path` (a sweep's table
+    shows the others as "-")."""
+    section, _, name = path.partition(".")
+    if path.startswith("model.gbdt."):
+        return family == "gbdt"
+    if (section, name) in [("model", f) for f in MLP_MODEL_FIELDS] + [
+        ("train", f) for f in MLP_TRAIN_FIELDS
+    ]:
+        return family == "mlp"
+    return True
+
+
 def family_fields(config: dict[str, Any]) -> dict[str, Any]:
     """A stored config's model and train sections with only the fields its family reads (what
     a run's report shows)."""

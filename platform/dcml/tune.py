@@ -17,6 +17,7 @@ from typing import Any
 
 from dcml import console
 from dcml.config import PipelineConfig, with_values
+from dcml.config_model import reads
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
 from dcml.layout import META, run_folder
@@ -226,7 +227,8 @@ def sweep(
         )
     limit = concurrency(cfg)
     # the trials as they report (a resumed sweep has the one stored with it)
-    progress = TrialProgress(metric, list(cfg.tune.space), cfg.tune.epochs, format_trials)
+    params = list(cfg.tune.space)
+    progress = TrialProgress(metric, params, cfg.tune.epochs, format_trials, cfg.model.family)
     if resume:
         tuner = tune.Tuner.restore(
             sweep_path,
@@ -299,6 +301,7 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         trial_id = found[1] if found else (result.metrics or {}).get("trial_id", "?")
         row = {
             "trial": trial_id,
+            "family": result.config.get("model.family", cfg.model.family),
             **{k: result.config.get(k) for k in cfg.tune.space},
             "epochs": 0,
             "seconds": None,
@@ -403,11 +406,17 @@ def _cell(value: Any) -> Any:
 
 
 def format_trials(trials: list[dict[str, Any]], metric: str, params: list[str]) -> str:
-    """The trials as a table: after a sweep, and redrawn while it runs (tune_progress)."""
-    head = f"{'trial':<13}" + "".join(f"{p:>14}" for p in params)
+    """The trials as a table: after a sweep, and redrawn while it runs (tune_progress). A value
+    that the trial's model family does not read shows as "-"; a gbdt trial's epochs are its
+    rounds."""
+    widths = [max(14, len(p) + 2) for p in params]
+    head = f"{'trial':<13}" + "".join(f"{p:>{w}}" for p, w in zip(params, widths))
     lines = [head + f"{'epochs':>8}{metric:>14}  status"]
     for t in trials:
-        cells = "".join(f"{_show(t[p]):>14}" for p in params)
+        family = t.get("family", "mlp")
+        cells = "".join(
+            f"{_show(t[p]) if reads(p, family) else '-':>{w}}" for p, w in zip(params, widths)
+        )
         status = t["status"] + (f": {t['error']}" if t["error"] else "")
         lines.append(f"{t['trial']:<13}{cells}{t['epochs']:>8}{t[metric]:>14.4f}  {status}")
     return "\n".join(lines)

@@ -11,14 +11,23 @@ from typing import Any
 from ray.tune import Callback
 
 from dcml import console
+from dcml.config_model import reads
 
 
 class TrialProgress(Callback):
     """`table(rows, metric, params)` draws the trials (tune.format_trials); `epochs` is a
     trial's budget, which tells a finished trial from one stopped early."""
 
-    def __init__(self, metric: str, params: list[str], epochs: int, table: Callable[..., str]):
+    def __init__(
+        self,
+        metric: str,
+        params: list[str],
+        epochs: int,
+        table: Callable[..., str],
+        family: str = "mlp",
+    ):
         self.metric, self.params, self.epochs, self.table = metric, params, epochs, table
+        self.family = family  # the sweep's; a trial's own when it searches model.family
         self.rows: dict[str, dict[str, Any]] = {}
         self.board = console.LiveText()
 
@@ -30,6 +39,7 @@ class TrialProgress(Callback):
         if trial.trial_id not in self.rows:
             self.rows[trial.trial_id] = {
                 "trial": trial.trial_id,
+                "family": trial.config.get("model.family", self.family),
                 **{p: trial.config.get(p) for p in self.params},
                 "epochs": 0,
                 self.metric: float("nan"),
@@ -75,8 +85,9 @@ class TrialProgress(Callback):
         if console.drawn():
             self._draw()
         elif console.enabled():
-            params = ", ".join(f"{p}={_short(row[p])}" for p in self.params)
-            unit = "epoch(s)" if row.get("budget", self.epochs) == self.epochs else "round(s)"
+            shown = [p for p in self.params if reads(p, row["family"])]
+            params = ", ".join(f"{p}={_short(row[p])}" for p in shown)
+            unit = "round(s)" if row["family"] == "gbdt" else "epoch(s)"
             line = f"trial {row['trial']} {row['status']} after {row['epochs']} {unit}"
             if row["error"]:
                 line += f": {row['error']}"
