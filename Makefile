@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/predictor_bench.py --repeat 500
 	$(BIN)/python benchmarks/serve_bench.py --requests 200 --rounds 1
 	$(BIN)/python benchmarks/train_bench.py --rows 50000 --epochs 2 --skip-quality
+	$(BIN)/python benchmarks/gbdt_bench.py --rows 50000 --rounds 50 --skip-quality
 	$(BIN)/python benchmarks/tune_bench.py --overhead --rows 20000
 	$(BIN)/python benchmarks/gpu_check.py --device cpu --rows 20000 --epochs 1
 

@@ -21,6 +21,7 @@ from dcml.pipeline import raw_test_rows, stage_register, stage_train
 from dcml.predictor import Predictor
 from dcml.report import write_report
 from dcml.storage import DamagedError, Storage
+from dcml.train.gbdt import WHOLE
 from dcml.train.metrics import roc_auc
 from dcml.train.outputs import evaluate_checkpoint
 
@@ -48,6 +49,19 @@ def test_trees_train_on_two_xgboost_workers_and_serve_through_the_mlps_path(bc, 
     run = root / "runs" / outcome.run_id
     history = (run / "history.csv").read_text().splitlines()
     assert "round" in history[0] and len(history) - 1 >= best  # a row per round run
+    # the two workers built one model from both halves of the split: the last round's training
+    # loss (XGBoost's, over the workers) is the whole booster's log loss on the whole split
+    storage = Storage.from_config(cfg)
+    last = max(p for p in run.glob("checkpoint_*") if p.is_dir())  # named by time
+    booster = xgb.Booster()
+    booster.load_model(str(last / WHOLE if (last / WHOLE).exists() else last / BOOSTER))
+    _, x_train, y_train = read_split_numpy(storage, dv, "train")
+    p = np.clip(booster.inplace_predict(x_train), 1e-7, 1 - 1e-7)
+    log_loss = -np.mean(y_train * np.log(p) + (1 - y_train) * np.log(1 - p))
+    head, *rows = history
+    assert float(rows[-1].split(",")[head.split(",").index("train_loss")]) == pytest.approx(
+        log_loss, rel=1e-4
+    )
     gain = json.loads((run / GAIN).read_text())
     assert set(gain) == set(dv.preprocessor.inputs) and sum(gain.values()) == pytest.approx(1)
     plots = {p.name for p in (run / "plots").iterdir()}
@@ -61,19 +75,16 @@ def test_trees_train_on_two_xgboost_workers_and_serve_through_the_mlps_path(bc, 
     assert mv.meta["threshold_policy"] == "max_f1" and 0 < mv.meta["threshold"] < 1
     assert [f["path"] for f in mv.meta["files"]] == [BOOSTER]
 
-    # the Predictor answers with XGBoost's own probabilities, labelled by the stored threshold
-    storage = Storage.from_config(cfg)
+    # raw records through the Predictor get the booster's probabilities of the stored test
+    # split's features, labelled by the stored threshold
     predictor = Predictor.from_storage(storage, mv.path)
     rows = raw_test_rows(cfg, dv, limit=30).to_pylist()
-    inputs = [{c: r[c] for c in dv.preprocessor.inputs} for r in rows]
-    answers = predictor.predict_records(inputs)
+    answers = predictor.predict_records([{c: r[c] for c in dv.preprocessor.inputs} for r in rows])
     booster = xgb.Booster()
     booster.load_model(str(version / BOOSTER))
-    own = booster.inplace_predict(
-        predictor.preprocessor.transform(
-            {c: [r[c] for r in inputs] for c in dv.preprocessor.inputs}
-        )
-    )
+    ids, x_test, _ = read_split_numpy(storage, dv, "test")
+    at = {int(i): k for k, i in enumerate(ids)}
+    own = booster.inplace_predict(x_test[[at[int(r["id"])] for r in rows]])
     assert [a["probability"] for a in answers] == pytest.approx(own.tolist(), abs=1e-6)
     threshold = mv.meta["threshold"]
     assert [a["label"] for a in answers] == [int(p >= threshold) for p in own]

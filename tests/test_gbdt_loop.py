@@ -19,7 +19,9 @@ from dcml.train.step import predict
 FEATURES = ["f0", "f1", "f2", "f3"]
 
 
-def splits(task: str = "binary", rows: int = 2000, seed: int = 0) -> dict[str, pa.Table]:
+def splits(
+    task: str = "binary", rows: int = 2000, seed: int = 0, shift: float = 0.0
+) -> dict[str, pa.Table]:
     rng = np.random.default_rng(seed)
     out = {}
     for name, n in (("train", rows), ("validation", rows // 4)):
@@ -29,8 +31,8 @@ def splits(task: str = "binary", rows: int = 2000, seed: int = 0) -> dict[str, p
             y = (signal > 0).astype(np.int64)
         elif task == "multiclass":  # four quadrants
             y = ((x[:, 0] < 0).astype(np.int64) + 2 * (x[:, 1] < 0)).astype(np.int64)
-        else:
-            y = signal.astype(np.float32)
+        else:  # a value away from 0, as prices and durations are
+            y = (signal + shift).astype(np.float32)
         out[name] = pa.table({"id": np.arange(n), "label": y, **dict(zip(FEATURES, x.T))})
     return out
 
@@ -123,11 +125,52 @@ def test_early_stopping_keeps_the_trees_of_the_best_round(tmp_path):
     assert meta["metrics"]["val_loss"] == pytest.approx(min(losses)) == losses[best - 1]
 
 
-@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_a_resumed_run_stops_where_an_unbroken_one_does_and_keeps_the_best_by_the_metric(
+    tmp_path,
+):
+    """Early stopping's state survives a kill; with min_delta, the kept round is still the one
+    with the best metric (min_delta only decides when to stop)."""
+    from dcml.train.gbdt import gbdt_train_func
+
+    data = splits(rows=600)
+    cfg = trees(
+        "model.gbdt.rounds=300",
+        "model.gbdt.eta=0.3",
+        "model.gbdt.early_stopping_rounds=8",
+        "model.gbdt.checkpoint_every=5",
+        "train.metric=val_loss",
+        "train.min_delta=0.002",
+    )
+    whole = fit_local(cfg, data, str(tmp_path / "whole"), FEATURES)
+    config = {"cfg": cfg, "features": FEATURES, "task": "binary", "classes": [0, 1]}
+    config |= {"class_weights": None, "progress": False}
+    with pytest.raises(Killed):
+        gbdt_train_func(config, KilledAfter(3, data, str(tmp_path / "killed")))
+    resumed = fit_local(cfg, data, str(tmp_path / "killed"), FEATURES)
+    assert resumed[-1]["round"] == whole[-1]["round"] > 15  # stopped at the same round
+    assert resumed[-1]["best_round"] == whole[-1]["best_round"]
+    history = (sorted((tmp_path / "whole").glob("checkpoint_*"))[-1] / "history.csv").read_text()
+    head, *lines = history.splitlines()
+    losses = [float(line.split(",")[head.split(",").index("val_loss")]) for line in lines]
+    assert whole[-1]["best_round"] == int(np.argmin(losses)) + 1
+
+
+def test_an_undefined_validation_metric_stops_training_naming_it(tmp_path):
+    data = splits()
+    one_class = data["validation"].set_column(
+        1, "label", pa.array(np.ones(data["validation"].num_rows, dtype=np.int64))
+    )
+    with pytest.raises(ValueError, match="train.metric=val_roc_auc is nan"):
+        fit_local(trees(), {**data, "validation": one_class}, str(tmp_path), FEATURES)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression", "huber"])
 def test_multiclass_and_regression_trees_score_through_the_mlps_interface(tmp_path, task):
-    data = splits(task)
+    loss = ["train.loss=huber"] if task == "huber" else []
+    task = "regression" if task == "huber" else task
+    data = splits(task, shift=50.0 if loss else 0.0)
     classes = ["ne", "nw", "se", "sw"] if task == "multiclass" else None
-    cfg = trees("model.gbdt.rounds=60", task=task)
+    cfg = trees("model.gbdt.rounds=60", *loss, task=task)
     reported = fit_local(cfg, data, str(tmp_path), FEATURES, task, classes)
     meta, _, _ = last_checkpoint(tmp_path)
     data_bytes = (sorted(tmp_path.glob("checkpoint_*"))[-1] / BOOSTER).read_bytes()
@@ -136,12 +179,13 @@ def test_multiclass_and_regression_trees_score_through_the_mlps_interface(tmp_pa
     import torch
 
     out = predict(model, torch.as_tensor(x), task)
+    y = data["validation"].column("label").to_numpy()
     if task == "multiclass":
         assert reported[-1]["val_accuracy"] > 0.95 and out.shape == (len(x), 4)
-        assert np.allclose(out.sum(axis=1), 1, atol=1e-5)
+        assert np.mean(out.argmax(axis=1) == y) == pytest.approx(reported[-1]["val_accuracy"])
     else:
+        # huber's labels sit near 50: XGBoost's own first guess there never recovers
         assert reported[-1]["val_r2"] > 0.6 and out.shape == (len(x),)
-        y = data["validation"].column("label").to_numpy()
         assert 1 - np.mean((out - y) ** 2) / np.var(y) == pytest.approx(
             reported[-1]["val_r2"], abs=1e-4
         )
@@ -156,6 +200,20 @@ def test_config_refuses_what_trees_cannot_do():
         trees("tune.space={model.gbdt.checkpoint_every: {choice: [5]}}")
     with pytest.raises(ConfigError, match="did you mean 'reg_lambda'"):
         trees("model.gbdt.reg_lamda=2")
+    with pytest.raises(ConfigError, match="train.init_from"):  # a sweep's trees cannot either
+        load_config(
+            None, ["train.init_from=bc@1", "tune.space={model.family: {grid: [mlp, gbdt]}}"]
+        )
+    # each family sweeps its own fields by default
+    assert set(trees().tune.space) == {"model.gbdt.eta", "model.gbdt.max_depth"}
+    assert set(load_config(None).tune.space) == {"train.lr", "model.depth"}
+    # a space the family does not read would run one trial again and again
+    from dcml.config_model import sweep_problem
+
+    assert "a gbdt trial reads none of train.lr" in sweep_problem(
+        {"train.lr": {"loguniform": [0.001, 0.1]}}, "gbdt"
+    )
+    assert sweep_problem({"model.family": {"choice": ["mlp", "gbdt"]}}, "mlp") is None
     # the family and its parameters can be swept
     cfg = trees("tune.space={model.family: {choice: [mlp, gbdt]}, model.gbdt.eta: {choice: [0.1]}}")
     assert set(cfg.tune.space) == {"model.family", "model.gbdt.eta"}

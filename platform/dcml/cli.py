@@ -319,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Exit, click.exceptions.Exit) as e:
         return e.exit_code
     except (typer.TyperException, click.ClickException) as e:  # usage errors (typer vendors click)
-        e.show()
-        return e.exit_code
+        if hasattr(e, "show"):
+            e.show()
+        else:
+            typer.echo(f"error: {e}", err=True)
+        return getattr(e, "exit_code", 2)
     except (typer.Abort, click.Abort, KeyboardInterrupt):
         _shutdown()
         return 130

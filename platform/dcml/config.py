@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from dcml.config_model import ModelConfig
+from dcml.config_model import DEFAULT_SPACE, ModelConfig, sweep_families
 from dcml.config_sections import (
     AUTO_METRIC,
     TASK_METRICS,
@@ -51,6 +51,8 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _resolve_auto(self) -> PipelineConfig:
         """Fill the fields whose default depends on the task."""
+        if self.tune.space is None:
+            self.tune.space = copy.deepcopy(DEFAULT_SPACE[self.model.family])
         if self.train.metric == "auto":
             self.train.metric = AUTO_METRIC[self.data.task]
         allowed = [f"val_{m}" for m in TASK_METRICS[self.data.task]]
@@ -74,8 +76,12 @@ class PipelineConfig(_Section):
             raise ValueError("tune.workers_per_trial: PBT trains each trial in one process (1)")
         if self.tune.scheduler == "pbt" and self.train.cache == "none":
             raise ValueError("train.cache: PBT trials cache their split (memory or device)")
-        if self.model.family == "gbdt" and self.train.init_from:
-            raise ValueError("train.init_from: fine-tuning starts from an MLP's weights (mlp)")
+        families = sweep_families(self.tune.space, self.model.family)
+        if self.train.init_from and (self.model.family == "gbdt" or "gbdt" in families):
+            raise ValueError(
+                "train.init_from: fine-tuning starts from an MLP's weights; gbdt models "
+                "(model.family, or a sweep's) cannot"
+            )
         if self.tune.scheduler == "pbt" and self.model.family == "gbdt":
             raise ValueError("tune.scheduler: PBT copies an MLP's weights between trials (mlp)")
         if self.train.freeze_layers > self.model.depth:

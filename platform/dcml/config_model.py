@@ -14,7 +14,7 @@ from dcml.config_sections import _Section
 MLP_TRAIN_FIELDS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "l1", "schedule",
     "warmup_epochs", "step_size", "gamma", "grad_clip", "grad_accum", "precision", "patience",
-    "checkpoint_every", "cache", "shuffle_buffer", "init_from", "freeze_layers",
+    "checkpoint_every", "shuffle_buffer", "init_from", "freeze_layers",
 )  # fmt: skip
 
 
@@ -84,6 +84,15 @@ class ModelConfig(_Section):
 
 MLP_MODEL_FIELDS = ("depth", "width", "activation", "dropout", "norm", "residual")
 
+# tune.space when the config names none: what each family is usually swept over
+DEFAULT_SPACE = {
+    "mlp": {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.depth": {"choice": [1, 2, 3]}},
+    "gbdt": {
+        "model.gbdt.eta": {"loguniform": [0.02, 0.3]},
+        "model.gbdt.max_depth": {"choice": [3, 6, 8]},
+    },
+}
+
 
 def reads(path: str, family: str) -> bool:
     """Whether a model of `family` reads the config field at dotted `path` (a sweep's table
@@ -96,6 +105,27 @@ def reads(path: str, family: str) -> bool:
     ]:
         return family == "mlp"
     return True
+
+
+def sweep_families(space: dict[str, Any], family: str) -> list[str]:
+    """The model families a sweep's trials can have."""
+    spec = space.get("model.family")
+    return sorted(set(next(iter(spec.values())))) if spec else [family]
+
+
+def sweep_problem(space: dict[str, Any], family: str) -> str | None:
+    """Why a sweep would be pointless: a family whose trials read none of the searched fields
+    would run the same trial again and again (None if every family reads one)."""
+    fields = [p for p in space if p != "model.family"]
+    for f in sweep_families(space, family):
+        if fields and not any(reads(p, f) for p in fields):
+            hint = ", ".join(DEFAULT_SPACE[f])
+            return (
+                f"tune.space: a {f} trial reads none of {', '.join(fields)}, so its trials would "
+                f"all be the same; search fields it reads (e.g. {hint}), or leave tune.space out "
+                "for the family's default"
+            )
+    return None
 
 
 def family_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -306,14 +306,12 @@ SPACE_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 class TuneConfig(_Section):
     enabled: bool = Field(True, description="Run the sweep in `dcml run`.")
-    space: dict[str, dict[str, list[Any]]] = Field(
-        default_factory=lambda: {
-            "train.lr": {"loguniform": [1e-4, 3e-2]},
-            "model.depth": {"choice": [1, 2, 3]},
-        },
+    space: dict[str, dict[str, list[Any]]] | None = Field(
+        None,
         description="Search space: config field by dotted path -> one of {loguniform: [low, "
         "high]}, {uniform: [low, high]}, {randint: [low, high]} (both ends included), "
-        "{choice: [values]}, {grid: [values]} (every value, crossed with the rest).",
+        "{choice: [values]}, {grid: [values]} (every value, crossed with the rest). Default: "
+        "the model family's (mlp: train.lr and model.depth; gbdt: model.gbdt.eta and max_depth).",
     )
     searcher: Literal["random", "grid", "optuna"] = Field(
         "random",
@@ -354,6 +352,8 @@ class TuneConfig(_Section):
 
     @model_validator(mode="after")
     def _check_space(self) -> TuneConfig:
+        if self.space is None:  # the family's default (PipelineConfig fills it in)
+            return self
         if not self.space:
             raise ValueError("space needs at least one field to search")
         for path, spec in self.space.items():

@@ -95,7 +95,10 @@ def read_trial_results(storage: Storage, trial_folder: str) -> list[dict]:
 
 def model_file(spec: dict | None) -> str:
     """The file that holds a model of this spec: safetensors (MLP) or a booster (gbdt)."""
-    return BOOSTER if (spec or {}).get("kind") == "gbdt" else WEIGHTS
+    kind = (spec or {}).get("kind", "mlp")
+    if kind not in ("mlp", "gbdt"):
+        raise ValueError(f"a model of kind {kind!r}: this dcml reads mlp and gbdt models")
+    return BOOSTER if kind == "gbdt" else WEIGHTS
 
 
 def read_weights(storage: Storage, folder: str, spec: dict | None = None) -> bytes:

@@ -22,7 +22,13 @@ import torch
 
 from dcml import registry, tracking
 from dcml.cluster import connect
-from dcml.config import PipelineConfig, public_dump, with_overrides, with_secrets
+from dcml.config import (
+    ConfigError,
+    PipelineConfig,
+    public_dump,
+    with_overrides,
+    with_secrets,
+)
 from dcml.data.catalog import DatasetVersion, read_split_numpy, require_dataset, resolve_dataset
 from dcml.data.clean import ReadAndClean
 from dcml.data.columns import Columns, class_key
@@ -53,7 +59,13 @@ def resumed_config(cfg: PipelineConfig, run_id: str, overrides: list[str] | None
     if not storage.exists(record):
         raise LookupError(f"no run {run_id!r} to resume under {storage.uri('runs')}")
     raw = with_secrets(storage.read_json(record)["config"], cfg)
-    return with_overrides(raw, overrides, f"run {run_id}")
+    resumed = with_overrides(raw, overrides, f"run {run_id}")
+    family = raw.get("model", {}).get("family", "mlp")
+    if resumed.model.family != family:  # its checkpoints hold the other family's model
+        raise ConfigError(
+            f"model.family: run {run_id} trained {family}; a resumed run keeps its family"
+        )
+    return resumed
 
 
 def _open_run(
@@ -345,6 +357,10 @@ def run_pipeline(
 
     from dcml.serving import deploy
 
+    if cfg.tune.enabled:  # before any stage: a sweep that cannot run stops the pipeline here
+        from dcml.tune import check_sweep
+
+        check_sweep(cfg)
     connect(cfg.cluster)
     storage = Storage.from_config(cfg)
     log(f"storage root: {storage.uri()}")

@@ -96,11 +96,12 @@ def confusion_matrix(
 def metric_by_param(
     trials: list[dict[str, Any]], params: list[str], metric: str, log_scale: list[str] = ()
 ) -> bytes:
-    """A sweep: each trial's best metric against each searched field (failed trials left out)."""
+    """A sweep: each trial's best metric against each searched field (failed trials left out,
+    and the trials that do not read a field: None there)."""
     fig = _figure(3.6 * len(params) + 0.6, 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(params)))
-    done = [t for t in trials if t.get(metric) == t.get(metric)]  # not NaN
     for ax, param in zip(axes, params):
+        done = [t for t in trials if t.get(metric) == t.get(metric) and t[param] is not None]
         values = [t[param] for t in done]
         if all(isinstance(v, int | float) for v in values):
             ax.scatter(values, [t[metric] for t in done], color="C0")

@@ -183,7 +183,6 @@ def _gate(gate: dict[str, Any] | None) -> str:
 
 
 def _training_section(storage: Storage, run: str, run_id: str, record: dict[str, Any]) -> str:
-
     head = "<h2>Training</h2>"
     if not storage.exists(run):
         return f'{head}<p class="muted">not run: no folder {_e(storage.to_uri(run))}.</p>'
@@ -207,9 +206,13 @@ def _training_section(storage: Storage, run: str, run_id: str, record: dict[str,
         if "round" in columns:  # gbdt: a round per row, at most 50 rows shown
             columns.remove("epoch")
             step = -(-len(history) // 50)
-            if step > 1:
+            if step > 1:  # the first, every step-th, the best and the last rounds
                 title = f"History (every {step} boosting rounds; history.csv has each)"
-                history = [h for i, h in enumerate(history) if (i + 1) % step == 0 or i == 0]
+                train = (record.get("config") or {}).get("train") or {}
+                values = [h.get(train.get("metric"), 0) for h in history]
+                best = values.index((max if train.get("mode") == "max" else min)(values))
+                keep = {0, len(history) - 1, best}
+                history = [h for i, h in enumerate(history) if (i + 1) % step == 0 or i in keep]
             else:
                 title = "History (per boosting round)"
         rows = [[_from_one(r[c]) if c == "epoch" else r[c] for c in columns] for r in history]

@@ -217,7 +217,10 @@ def _training(client, experiment: str, storage: Storage, run_id: str) -> str:
         best = storage.read_json(f"{test['checkpoint']}/{META}")["metrics"]
         metric = record["config"]["train"]["metric"]
         metrics.append(_metric(f"best_{metric}", best[metric], end, 0))
-        metrics.append(_metric("best_epoch", int(best["epoch"]) + 1, end, 0))
+        if "best_round" in best:  # gbdt: the round its model ends at
+            metrics.append(_metric("best_round", int(best["best_round"]), end, 0))
+        else:
+            metrics.append(_metric("best_epoch", int(best["epoch"]) + 1, end, 0))
         tags["dcml.checkpoint"] = storage.to_uri(test["checkpoint"])
     _log(client, mlrun, metrics, tags=tags)
     files = {HISTORY: f"{run}/{HISTORY}", TEST_METRICS: f"{run}/{TEST_METRICS}"}

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcml import console
-from dcml.config import PipelineConfig, with_values
-from dcml.config_model import reads
+from dcml.config import ConfigError, PipelineConfig, with_values
+from dcml.config_model import reads, sweep_families, sweep_problem
 from dcml.data.catalog import DatasetVersion
 from dcml.direction import best_by
 from dcml.layout import META, run_folder
@@ -54,6 +54,18 @@ def search_space(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             space[path] = tune.choice(list(v))
     return space
+
+
+def check_sweep(cfg: PipelineConfig) -> None:
+    """Refuse, before any trial starts, a sweep whose trials would all be the same, or that
+    needs XGBoost where it is not installed."""
+    problem = sweep_problem(cfg.tune.space, cfg.model.family)
+    if problem:
+        raise ConfigError(problem)
+    if "gbdt" in sweep_families(cfg.tune.space, cfg.model.family):
+        from dcml.train.booster import require_xgboost
+
+        require_xgboost()
 
 
 def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
@@ -205,6 +217,7 @@ def sweep(
     # lets --resume find them), and warn about it each time: keep the saves, drop the warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     metric, mode = cfg.train.metric, cfg.train.mode
+    check_sweep(cfg)
     sweep_path = run_folder(storage, sweep_id)
     common = {"base": cfg, "storage": storage, "dataset": dataset}
     checkpoints = None
@@ -383,8 +396,11 @@ def _write_results(storage: Storage, sweep_path: str, trials, curves, cfg: Pipel
     metric = cfg.train.metric
     log_scale = [p for p, spec in cfg.tune.space.items() if "loguniform" in spec]
     params = list(cfg.tune.space)
+    read = [  # a value a trial's family does not read is not plotted against its metric
+        {**t, **{p: None for p in params if not reads(p, t.get("family", "mlp"))}} for t in trials
+    ]
     images = {
-        "metric_by_param.png": plots.metric_by_param(trials, params, metric, log_scale),
+        "metric_by_param.png": plots.metric_by_param(read, params, metric, log_scale),
         "trial_curves.png": plots.trial_curves(curves, metric, _report_unit(cfg)),
     }
     storage.fs.makedirs(f"{sweep_path}/plots", exist_ok=True)

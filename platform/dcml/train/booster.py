@@ -3,9 +3,9 @@ that scores a model, and its gain importance. No training here, and no Ray."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+import numpy as np
 import torch
 
 try:
@@ -14,11 +14,16 @@ except ImportError:  # the family is refused before training starts (require_xgb
     xgb = None
 
 
-def require_xgboost() -> None:
+def require_xgboost(gpu: bool = False) -> None:
     if xgb is None:
         raise RuntimeError(
             "model.family=gbdt needs XGBoost: pip install 'dcml[gbdt]' (or 'dcml[gbdt-cpu]', "
             "without the CUDA libraries)"
+        )
+    if gpu and not xgb.build_info().get("USE_CUDA"):
+        raise RuntimeError(
+            "train.use_gpu with model.family=gbdt needs XGBoost built with CUDA: pip install "
+            "'dcml[gbdt]' (the xgboost package, not xgboost-cpu) on the GPU nodes"
         )
 
 
@@ -47,21 +52,17 @@ class BoosterModel(torch.nn.Module):
         require_xgboost()
         self.booster = xgb.Booster()
         self.booster.load_model(bytearray(data))
-        self.booster.set_param({"nthread": max(1, min(4, os.cpu_count() or 1))})
+        # predicts on the CPU whatever it was trained on: trees score a batch of tabular rows in
+        # microseconds per row, and the CPU build of XGBoost (xgboost-cpu) has no CUDA at all
+        # as many threads as torch may use here (a Serve replica or batch worker sets that)
+        self.booster.set_param({"nthread": torch.get_num_threads(), "device": "cpu"})
         self.n_outputs = spec["n_outputs"]
         self.eval()
 
-    def to(self, device, *args, **kwargs):
-        device = torch.device(device)
-        self.booster.set_param({"device": "cuda" if device.type == "cuda" else "cpu"})
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = len(x)
-        if rows == 0:
-            return torch.empty((0, self.n_outputs), dtype=torch.float32)
-        data = x.detach()
-        data = data if data.device.type == "cuda" else data.numpy()  # CUDA: no copy to host
-        margins = self.booster.inplace_predict(data, predict_type="margin")
-        out = torch.as_tensor(margins, device=x.device)  # CUDA: a CuPy array, taken as it is
-        return out.to(torch.float32).reshape(rows, -1)
+        """Margins of the rows of `x`, on the device `x` is on (computed on the CPU)."""
+        if len(x) == 0:
+            return torch.empty((0, self.n_outputs), dtype=torch.float32, device=x.device)
+        margins = self.booster.inplace_predict(x.detach().cpu().numpy(), predict_type="margin")
+        out = torch.from_numpy(np.asarray(margins, dtype=np.float32)).reshape(len(x), -1)
+        return out.to(x.device)

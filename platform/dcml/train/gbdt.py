@@ -16,7 +16,6 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -144,7 +143,9 @@ class GbdtRun:
         patience = cfg.model.gbdt.early_stopping_rounds or None
         self.stop = EarlyStop(tc.mode, patience, tc.min_delta, tc.target, unit="rounds")
         self.history: list[dict[str, float]] = []
+        # the best round by the metric itself (min_delta only decides when to stop)
         self.best_round, self.best_metrics = -1, {}
+        self.sign = 1.0 if tc.mode == "max" else -1.0
         self.started, self.offset = time.perf_counter(), 0  # offset: rounds before this call
 
     def train(self, train_rows: int = 0) -> None:
@@ -152,8 +153,16 @@ class GbdtRun:
         part = slice_bounds(train_rows, s.rank, s.world) if train_rows else None
         x, y = _split(s, "train", self.features, self.task, part)
         vx, vy = _split(s, "validation", self.features, self.task)
+        if self.params["objective"] == "reg:pseudohubererror":
+            # XGBoost's own first guess for pseudo-Huber is far off for labels away from 0 (it
+            # never recovers): start from the labels' median (averaged over the workers)
+            median = np.array([np.median(y)], dtype=np.float64)
+            if xgb.collective.is_distributed():
+                median = xgb.collective.allreduce(median, xgb.collective.Op.SUM) / s.world
+            self.params["base_score"] = float(median[0])
         dtrain = _matrix(x, y, self.task, self.weights, threads)
         self.dval, self.vy = xgb.DMatrix(vx, nthread=threads), vy
+        del x, y, vx  # the DMatrix holds its own copy
         booster, start = None, 0
         checkpoint = s.checkpoint()
         if checkpoint is not None:
@@ -200,8 +209,16 @@ class GbdtRun:
         self.started = now
         self.history.append(metrics)
         metric = self.cfg.train.metric
-        done = self.stop.update(metrics[metric])
-        if self.stop.bad_epochs == 0:  # a new best round
+        value = metrics[metric]
+        if not np.isfinite(value):
+            raise ValueError(
+                f"train.metric={metric} is {value} on the validation split after round {r + 1} "
+                "(a validation split with one class has no ROC AUC): choose another metric, "
+                "e.g. val_loss, or another split"
+            )
+        done = self.stop.update(value)
+        best = self.best_metrics.get(metric)
+        if best is None or self.sign * (value - best) > 0:  # a new best round
             self.best_round, self.best_metrics = r, val
         last = done or r == self.rounds - 1
         if self.progress and self.session.rank == 0 and ((r + 1) % self.every == 0 or last):
@@ -227,7 +244,7 @@ class GbdtRun:
             "round": r + 1,
             "best_round": self.best_round + 1,
             "rounds_budget": self.rounds,
-            "train_loss": self.history[-1]["train_loss"],
+            "train_loss": self.history[self.best_round]["train_loss"],
             "time": time.time(),
         }
         if self.session.rank != 0:
@@ -255,7 +272,11 @@ class GbdtRun:
 def gbdt_train_func(config: dict[str, Any], session=None) -> None:
     """Runs on every worker of an `XGBoostTrainer` (or in a Tune trial, or without Ray): the
     worker's rows of the training split, the whole validation split, boosted round by round."""
-    require_xgboost()
+    cfg = config["cfg"]
+    if not isinstance(cfg, PipelineConfig):
+        cfg = PipelineConfig.model_validate(cfg)
+    require_xgboost(gpu=cfg.train.use_gpu)
+    config = {**config, "cfg": cfg}
     if config.get("progress", True) != "verbose":
         quiet_report_log()
     if session is None:  # on a Ray Train worker
@@ -263,12 +284,6 @@ def gbdt_train_func(config: dict[str, Any], session=None) -> None:
 
         session = TrainSession()
     GbdtRun(config, session).train(config.get("train_rows", 0))
-
-
-def report_every(cfg: PipelineConfig, budget: int) -> int:
-    """Rounds per report that cut a trial's rounds into at most `budget` reports (ASHA counts
-    reports, so a rung is the same share of every trial's budget, epochs or rounds)."""
-    return max(1, math.ceil(cfg.model.gbdt.rounds / budget))
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

@@ -73,6 +73,10 @@ def fine_tune_source(
     from dcml.registry import resolve_model
 
     mv = resolve_model(storage, ref)
+    if mv.meta["model_spec"].get("kind") == "gbdt":
+        raise ValueError(
+            f"train.init_from={ref} is a gbdt model: fine-tuning starts from an MLP version"
+        )
     theirs = mv.meta["features"]
     if theirs != features:
         missing = [f for f in theirs if f not in features]
@@ -118,10 +122,6 @@ def loop_config(
     fine-tuning source (checked here, in the driver). The epoch budget is `cfg.train.epochs`."""
     m = dataset.manifest
     spec = model_spec(cfg.model, len(m["features"]), n_outputs(m["task"], m["classes"]))
-    if cfg.model.family == "gbdt":
-        from dcml.train.booster import require_xgboost
-
-        require_xgboost()  # in the driver: fail before any worker starts
     return {
         "cfg": cfg,
         "features": m["features"],
@@ -159,6 +159,9 @@ def build_trainer(
 
     trainer_class, train_loop = TorchTrainer, train_func
     if cfg.model.family == "gbdt":
+        from dcml.train.booster import require_xgboost
+
+        require_xgboost()  # before Ray's XGBoost module, which imports XGBoost itself
         from ray.train.xgboost import XGBoostTrainer
 
         from dcml.train.gbdt import gbdt_train_func
