@@ -161,7 +161,12 @@ def test_an_undefined_validation_metric_stops_training_naming_it(tmp_path):
         1, "label", pa.array(np.ones(data["validation"].num_rows, dtype=np.int64))
     )
     with pytest.raises(ValueError, match="train.metric=val_roc_auc is nan"):
-        fit_local(trees(), {**data, "validation": one_class}, str(tmp_path), FEATURES)
+        fit_local(
+            trees("model.gbdt.stop_on=metric"),
+            {**data, "validation": one_class},
+            str(tmp_path),
+            FEATURES,
+        )
 
 
 @pytest.mark.parametrize("task", ["multiclass", "regression", "huber"])

@@ -149,6 +149,8 @@ def test_a_sweep_over_both_families_registers_the_better_on_validation(tmp_path)
     best, other = outcome.trials  # best first
     assert best["val_roc_auc"] >= other["val_roc_auc"]
     assert outcome.params["model.family"] == best["model.family"]
+    # the winner's lineage holds only the values its family reads
+    assert ("model.gbdt.max_depth" in outcome.params) == (best["model.family"] == "gbdt")
     assert outcome.metrics["val_roc_auc"] == pytest.approx(best["val_roc_auc"])
 
     lineage = {"sweep_id": "fam1", "params": outcome.params}

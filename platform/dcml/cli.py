@@ -96,7 +96,7 @@ def train(
     register: bool = typer.Option(True, help="Register the best checkpoint."),
     alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
 ):
-    """Train with Ray Train (DDP) on a stored dataset version."""
+    """Train with Ray Train on a stored dataset version: an MLP (DDP) or trees (XGBoost)."""
     from dcml.pipeline import resumed_config, stage_register, stage_train
 
     cfg = config_of(config, set_)
@@ -126,7 +126,8 @@ def tune(
     register: bool = typer.Option(True, help="Register the best trial's checkpoint."),
     alias: list[str] | None = typer.Option(None, help="Aliases for the registered version."),
 ):
-    """Sweep the search space (`tune.space`; lr and depth by default) with Ray Tune."""
+    """Sweep the search space (`tune.space`; by default the family's: lr and depth, or eta and
+    max_depth for gbdt) with Ray Tune."""
     from dcml.pipeline import resumed_config, stage_register, stage_tune
 
     cfg = config_of(config, set_)

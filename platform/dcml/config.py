@@ -63,6 +63,20 @@ class PipelineConfig(_Section):
             )
         if self.train.mode == "auto":
             self.train.mode = mode_of(self.train.metric)
+        families = sweep_families(self.tune.space, self.model.family)
+        wrong = [f for f in families if f not in ("mlp", "gbdt")]
+        if wrong:
+            raise ValueError(f"tune.space.model.family: {wrong[0]!r} is not a family (mlp, gbdt)")
+        if self.train.init_from and "gbdt" in families:
+            raise ValueError(
+                "train.init_from: fine-tuning needs model.family=mlp (this config trains gbdt "
+                "trees, or its sweep may)"
+            )
+        if self.tune.scheduler == "pbt" and "gbdt" in families:
+            raise ValueError(
+                "tune.scheduler: PBT needs model.family=mlp (it copies an MLP's weights between "
+                "trials)"
+            )
         for path in self.tune.space:
             problem = _field_problem(path)
             if problem:
@@ -76,14 +90,6 @@ class PipelineConfig(_Section):
             raise ValueError("tune.workers_per_trial: PBT trains each trial in one process (1)")
         if self.tune.scheduler == "pbt" and self.train.cache == "none":
             raise ValueError("train.cache: PBT trials cache their split (memory or device)")
-        families = sweep_families(self.tune.space, self.model.family)
-        if self.train.init_from and (self.model.family == "gbdt" or "gbdt" in families):
-            raise ValueError(
-                "train.init_from: fine-tuning starts from an MLP's weights; gbdt models "
-                "(model.family, or a sweep's) cannot"
-            )
-        if self.tune.scheduler == "pbt" and self.model.family == "gbdt":
-            raise ValueError("tune.scheduler: PBT copies an MLP's weights between trials (mlp)")
         if self.train.freeze_layers > self.model.depth:
             raise ValueError(
                 f"train.freeze_layers={self.train.freeze_layers} but model.depth is "
@@ -224,13 +230,25 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+# what XGBoost's and scikit-learn's users type for a model.gbdt field
+ALIASES = {
+    "learning_rate": "eta",
+    "n_estimators": "rounds",
+    "num_boost_round": "rounds",
+    "lambda": "reg_lambda",
+    "alpha": "reg_alpha",
+    "early_stopping": "early_stopping_rounds",
+}
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         allowed = sorted(owner.model_fields) if owner else []
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = [ALIASES[loc[-1]]] if loc[-1] in ALIASES else None
+        hint = hint or difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         msg = f"{where}: unknown field"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"

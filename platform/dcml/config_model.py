@@ -39,8 +39,14 @@ class GbdtConfig(_Section):
     early_stopping_rounds: int = Field(
         30,
         ge=0,
-        description="Stop after this many rounds without improvement of train.metric on the "
-        "validation split (0: never); the model kept ends at its best round.",
+        description="Stop after this many rounds without improvement on the validation split "
+        "(0: never); the model kept ends at its best round.",
+    )
+    stop_on: Literal["loss", "metric"] = Field(
+        "loss",
+        description="What early stopping and the kept round go by: loss (val_loss, XGBoost's "
+        "convention: smooth where accuracy, F1 or ROC AUC tie or jump on a small validation "
+        "split) or metric (train.metric, ties broken by val_loss; train.target applies).",
     )
     checkpoint_every: int = Field(
         10,
@@ -114,9 +120,11 @@ def sweep_families(space: dict[str, Any], family: str) -> list[str]:
 
 
 def sweep_problem(space: dict[str, Any], family: str) -> str | None:
-    """Why a sweep would be pointless: a family whose trials read none of the searched fields
-    would run the same trial again and again (None if every family reads one)."""
-    fields = [p for p in space if p != "model.family"]
+    """Why a sweep of one family would be pointless: if its trials read none of the searched
+    fields, they would all be the same trial (None if they read one)."""
+    if "model.family" in space:  # a sweep over families: a family's one config is a trial
+        return None
+    fields = list(space)
     for f in sweep_families(space, family):
         if fields and not any(reads(p, f) for p in fields):
             hint = ", ".join(DEFAULT_SPACE[f])

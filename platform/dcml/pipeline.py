@@ -41,7 +41,7 @@ from dcml.report import write_report
 from dcml.storage import Storage, to_json
 from dcml.train.metrics import choose_threshold, task_metrics
 from dcml.train.step import evaluate
-from dcml.train.trainer import TrainOutcome, fit, loss_of, new_run_id
+from dcml.train.trainer import TrainOutcome, check_resources, fit, loss_of, new_run_id
 
 Log = Callable[[str], None]
 
@@ -114,7 +114,12 @@ def stage_train(
     resume: bool = False,
 ) -> tuple[DatasetVersion, TrainOutcome]:
     """Train on a dataset version; `resume` continues a stored run from its last checkpoint."""
+    if cfg.model.family == "gbdt":  # before Ray starts, and before the run is recorded
+        from dcml.train.booster import require_xgboost
+
+        require_xgboost()
     connect(cfg.cluster)
+    check_resources(cfg, cfg.train.workers)  # a run that cannot start leaves no run.json
     storage = Storage.from_config(cfg)
     run_id = run_id or new_run_id("train")
     dataset = _open_run(cfg, storage, run_id, dataset_ref, resume, "train")

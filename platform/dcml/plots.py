@@ -24,7 +24,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def learning_curves(history: list[dict[str, float]], metric: str) -> bytes:
+def learning_curves(history: list[dict[str, float]], metric: str, kept: int | None = None) -> bytes:
     """Training and validation loss, and the selection metric, per epoch (per boosting round
     for gbdt, whose history has a `round` column)."""
     fig = _figure(9.0, 3.6)
@@ -39,6 +39,10 @@ def learning_curves(history: list[dict[str, float]], metric: str) -> bytes:
     loss_ax.legend()
     metric_ax.plot(epochs, [h.get(metric, np.nan) for h in history], marker=marker, color="C2")
     metric_ax.set(xlabel=step, ylabel=metric, title=metric)
+    if kept is not None and len(history) > kept:  # gbdt: the round the model ends at
+        for ax in (loss_ax, metric_ax):
+            ax.axvline(kept, color="grey", linestyle="--", linewidth=1, label=f"kept: {kept}")
+        loss_ax.legend()
     for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)
     return _png(fig)

@@ -281,17 +281,11 @@ def _model_section(
     if model is None:
         out.append('<p class="muted">not registered.</p>')
     else:
-        meta = model.meta
+        meta, spec = model.meta, model.meta.get("model_spec", {})
         lineage = meta.get("lineage", {})
-        out.append(
-            _kv(
-                [
-                    ("version", model.ref),
-                    ("stored at", storage.to_uri(model.path)),
-                    *[(f"lineage: {k}", v) for k, v in sorted(lineage.items())],
-                ]
-            )
-        )
+        kind = f"gbdt, {spec.get('rounds')} rounds" if spec.get("kind") == "gbdt" else "mlp"
+        facts = [("version", model.ref), ("model", kind), ("stored at", storage.to_uri(model.path))]
+        out.append(_kv([*facts, *[(f"lineage: {k}", v) for k, v in sorted(lineage.items())]]))
         test = meta.get("metrics", {})
         validation = {
             k: v for k, v in meta.get("validation_metrics", {}).items() if k.startswith("val_")
@@ -328,7 +322,8 @@ def _model_section(
 
 def _winner_section(storage: Storage, model: ModelVersion | None, run_id: str) -> str:
     """When the registered model came from a sweep's trial, not from this run: which one, its
-    parameters and its learning curves (from the trial's result.json), at the top."""
+    parameters and its learning curves (from the trial's result.json; a gbdt trial's per-round
+    history from its checkpoint), at the top."""
     lineage = (model.meta.get("lineage", {}) if model is not None else {}) or {}
     sweep_id, checkpoint = lineage.get("sweep_id"), lineage.get("checkpoint", "")
     if not sweep_id or lineage.get("run_id") == run_id:
@@ -343,10 +338,14 @@ def _winner_section(storage: Storage, model: ModelVersion | None, run_id: str) -
     ]
     folder = checkpoint.rstrip("/").rsplit("/", 1)[0]
     history = read_trial_results(storage, folder) if trial else []
+    spec = model.meta.get("model_spec", {})
+    if spec.get("kind") == "gbdt":  # its reports hold best-so-far values: draw every round
+        history = _read_csv(storage, f"{checkpoint}/{HISTORY}") or history
     if history:
         from dcml.plots import learning_curves
 
-        out.append(_png_figure(learning_curves(history, metric), f"trial {trial}: learning curves"))
+        figure = learning_curves(history, metric, spec.get("rounds"))
+        out.append(_png_figure(figure, f"trial {trial}: learning curves"))
     else:
         out.append(f'<p class="muted">trial {_e(trial)}: no {TRIAL_RESULTS} stored.</p>')
     return "\n".join(out)

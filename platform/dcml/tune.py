@@ -312,10 +312,12 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         # the folder names the trial: a PBT trial's last result can carry the id of the trial
         # whose checkpoint it took
         trial_id = found[1] if found else (result.metrics or {}).get("trial_id", "?")
+        family = result.config.get("model.family", cfg.model.family)
         row = {
             "trial": trial_id,
-            "family": result.config.get("model.family", cfg.model.family),
-            **{k: result.config.get(k) for k in cfg.tune.space},
+            "family": family,
+            # a value the trial's family does not read is None (blank in trials.csv, unplotted)
+            **{k: result.config.get(k) if reads(k, family) else None for k in cfg.tune.space},
             "epochs": 0,
             "seconds": None,
             metric: float("nan"),
@@ -334,7 +336,8 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         if found is not None:
             row[metric] = found[0]
             kept.append((found[0], 0, found[1], result.config))
-        if not result.error and row["epochs"] < budget:
+        finished = df is not None and "finished" in df and bool(df["finished"].max() == 1)
+        if not result.error and row["epochs"] < budget and not finished:
             row["status"] = "stopped early"
         trials.append(row)
     sign = 1 if mode == "max" else -1  # best first, trials without a value last
@@ -347,7 +350,8 @@ def _collect(cfg: PipelineConfig, storage: Storage, sweep_id: str, grid) -> Swee
         )
     _, _, ckpt, config = best_by(kept, mode)
     meta = storage.read_json(f"{ckpt}/{META}")
-    params = {k: config[k] for k in cfg.tune.space}
+    family = config.get("model.family", cfg.model.family)  # the values its family reads
+    params = {k: config[k] for k in cfg.tune.space if reads(k, family)}
     return SweepOutcome(sweep_id, ckpt, meta["metrics"], params, trials)
 
 
@@ -396,11 +400,8 @@ def _write_results(storage: Storage, sweep_path: str, trials, curves, cfg: Pipel
     metric = cfg.train.metric
     log_scale = [p for p, spec in cfg.tune.space.items() if "loguniform" in spec]
     params = list(cfg.tune.space)
-    read = [  # a value a trial's family does not read is not plotted against its metric
-        {**t, **{p: None for p in params if not reads(p, t.get("family", "mlp"))}} for t in trials
-    ]
     images = {
-        "metric_by_param.png": plots.metric_by_param(read, params, metric, log_scale),
+        "metric_by_param.png": plots.metric_by_param(trials, params, metric, log_scale),
         "trial_curves.png": plots.trial_curves(curves, metric, _report_unit(cfg)),
     }
     storage.fs.makedirs(f"{sweep_path}/plots", exist_ok=True)

@@ -61,6 +61,7 @@ class TrialProgress(Callback):
         if "epoch" in result:
             row["epochs"] = int(result["epoch"]) + 1
         row["budget"] = result.get("rounds_budget", self.epochs)  # gbdt: its rounds
+        row["finished"] = bool(result.get("finished"))  # early stopping ended it
         if self.metric in result:
             row[self.metric] = float(result[self.metric])
         self._draw()
@@ -68,7 +69,8 @@ class TrialProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         row = self._row(trial)
         budget = row.get("budget", self.epochs)
-        row["status"] = "finished" if row["epochs"] >= budget else "stopped early"
+        done = row.get("finished") or row["epochs"] >= budget
+        row["status"] = "finished" if done else "stopped early"
         self._ended(row)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
@@ -93,7 +95,7 @@ class TrialProgress(Callback):
                 line += f": {row['error']}"
             elif row[self.metric] == row[self.metric]:
                 line += f": {self.metric}={row[self.metric]:.4f}"
-            print(f"{line} ({params})", flush=True)
+            print(f"{line} ({params})" if params else line, flush=True)
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self.board.close()

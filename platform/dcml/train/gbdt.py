@@ -141,11 +141,14 @@ class GbdtRun:
         self.rounds = cfg.model.gbdt.rounds
         tc = cfg.train
         patience = cfg.model.gbdt.early_stopping_rounds or None
-        self.stop = EarlyStop(tc.mode, patience, tc.min_delta, tc.target, unit="rounds")
+        # what stops training and picks the round kept: val_loss, or train.metric
+        self.by = "val_loss" if cfg.model.gbdt.stop_on == "loss" else tc.metric
+        mode, target = ("min", None) if self.by == "val_loss" else (tc.mode, tc.target)
+        self.stop = EarlyStop(mode, patience, tc.min_delta, target, unit="rounds")
         self.history: list[dict[str, float]] = []
         # the best round by the metric itself (min_delta only decides when to stop)
         self.best_round, self.best_metrics = -1, {}
-        self.sign = 1.0 if tc.mode == "max" else -1.0
+        self.sign = 1.0 if mode == "max" else -1.0
         self.started, self.offset = time.perf_counter(), 0  # offset: rounds before this call
 
     def train(self, train_rows: int = 0) -> None:
@@ -169,6 +172,9 @@ class GbdtRun:
             with checkpoint.as_directory() as d:
                 booster, start = self._resume(d)
         if start >= self.rounds or self.stop.reason:
+            if s.rank == 0 and self.progress:
+                why = self.stop.reason or f"all {self.rounds} rounds are done"
+                print(f"[dcml] nothing to train: {why} (model.gbdt.*)", flush=True)
             return
         self.started, self.offset = time.perf_counter(), start
         xgb.train(
@@ -189,7 +195,10 @@ class GbdtRun:
         self.history = read_history(folder)
         self.best_round, self.best_metrics = state["best_round"], state["best_metrics"]
         self.stop.best, self.stop.bad_epochs = state["stop"]["best"], state["stop"]["bad_epochs"]
-        self.stop.reason = state["stop"].get("reason", "")
+        # stopped under this config too? (a resume may allow more rounds or more patience)
+        patience = self.stop.patience
+        if patience is not None and self.stop.bad_epochs >= patience:
+            self.stop.reason = f"no improvement for {patience} rounds"
         done = booster.num_boosted_rounds()
         if self.session.rank == 0 and self.progress:
             print(f"[dcml] resuming from the checkpoint of round {done}", flush=True)
@@ -208,7 +217,7 @@ class GbdtRun:
         metrics |= {"epoch_s": now - self.started, "time": time.time()}
         self.started = now
         self.history.append(metrics)
-        metric = self.cfg.train.metric
+        metric = self.by
         value = metrics[metric]
         if not np.isfinite(value):
             raise ValueError(
@@ -217,8 +226,7 @@ class GbdtRun:
                 "e.g. val_loss, or another split"
             )
         done = self.stop.update(value)
-        best = self.best_metrics.get(metric)
-        if best is None or self.sign * (value - best) > 0:  # a new best round
+        if self._better(val):  # a new best round
             self.best_round, self.best_metrics = r, val
         last = done or r == self.rounds - 1
         if self.progress and self.session.rank == 0 and ((r + 1) % self.every == 0 or last):
@@ -226,7 +234,7 @@ class GbdtRun:
             line = f"[dcml] round {r + 1}/{self.rounds} train_loss={train_loss:.4f} {shown}"
             print(line, flush=True)
         if (r + 1) % self.every == 0 or last:
-            self._report(booster, r)
+            self._report(booster, r, done)
         if done and self.session.rank == 0 and self.progress:
             print(
                 f"[dcml] stopping after round {r + 1}: {metric} {self.stop.reason}; the model "
@@ -235,9 +243,17 @@ class GbdtRun:
             )
         return done
 
-    def _report(self, booster, r: int) -> None:
+    def _better(self, val: dict[str, float]) -> bool:
+        """Whether a round beats the best so far: by its metric, then (a tie) by val_loss."""
+        if not self.best_metrics:
+            return True
+        gain = self.sign * (val[self.by] - self.best_metrics[self.by])
+        return gain > 0 or (gain == 0 and val["val_loss"] < self.best_metrics["val_loss"])
+
+    def _report(self, booster, r: int, stopped: bool = False) -> None:
         """Report the best round so far, with a checkpoint (from rank 0) of the model that
-        ends there."""
+        ends there. `stopped`: early stopping ended the run (a sweep's trial that stopped
+        itself, not one its scheduler stopped)."""
         metrics = {
             **self.best_metrics,
             "epoch": r,
@@ -247,6 +263,8 @@ class GbdtRun:
             "train_loss": self.history[self.best_round]["train_loss"],
             "time": time.time(),
         }
+        if stopped:
+            metrics["finished"] = 1
         if self.session.rank != 0:
             self.session.report(metrics)
             return

@@ -160,6 +160,8 @@ def train_func(config: dict[str, Any], session=None) -> None:
                 if k == "train_loss" or k.startswith("val_")
             )
             print(f"[dcml] epoch {epoch + 1}/{epochs} {shown}", flush=True)
+        if done:  # it stopped itself (a sweep tells this from its scheduler's stops)
+            metrics = {**metrics, "finished": 1}
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:

@@ -86,6 +86,7 @@ def write_plots(
     out: np.ndarray,
     importance: dict[str, float] | None = None,
     gain: dict[str, float] | None = None,
+    kept: int | None = None,
 ) -> list[str]:
     """PNGs under <run>/plots/ (layout.RESULT_PLOTS names those of the test split): learning curves;
     binary: ROC curve, calibration and confusion matrix; multiclass: confusion matrix and each
@@ -95,7 +96,7 @@ def write_plots(
     task, classes = dataset.manifest["task"], dataset.manifest["classes"]
     images = {}
     if history:
-        images["learning_curves.png"] = plots.learning_curves(history, metric)
+        images["learning_curves.png"] = plots.learning_curves(history, metric, kept)
     if task == "binary" and len(y):
         auc = task_metrics(task, y, out)["roc_auc"]
         images["roc_curve.png"] = plots.roc_curve(y, out, auc, "ROC curve (test split)")

@@ -72,7 +72,7 @@ def make_loss(
 
 def label_tensor(y: np.ndarray, task: str, device) -> torch.Tensor:
     dtype = torch.long if task == "multiclass" else torch.float32
-    return torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
+    return torch.as_tensor(np.array(y), dtype=dtype, device=device)  # a copy: y may be read-only
 
 
 def lr_factor(epoch: int, t) -> float:

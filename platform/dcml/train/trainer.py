@@ -250,8 +250,9 @@ def fit(
 
         gain = gain_importance(read_weights(storage, path, spec), dataset.manifest["features"])
         storage.write_json(f"{run}/{GAIN}", gain)
-    write_plots(storage, run, history, cfg.train.metric, dataset, y, out, importance, gain)
     metrics = storage.read_json(f"{path}/{META}")["metrics"]
+    kept = metrics.get("best_round")  # gbdt: the round its model ends at
+    write_plots(storage, run, history, cfg.train.metric, dataset, y, out, importance, gain, kept)
     return TrainOutcome(run_id, path, metrics, {f"test_{k}": v for k, v in test.items()})
 
 
