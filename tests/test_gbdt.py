@@ -29,7 +29,7 @@ from .conftest import make_config, preprocessed, quiet, trained_in_process, writ
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
-TREES = {"family": "gbdt", "gbdt": {"rounds": 120, "checkpoint_every": 20}}
+TREES = {"family": "gbdt", "gbdt": {"rounds": 80, "checkpoint_every": 20}}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_trees_train_on_two_xgboost_workers_and_serve_through_the_mlps_path(bc, 
     cfg = make_config(root, name="bct", model=TREES, train={"workers": 2, "threshold": "max_f1"})
     lines: list[str] = []
     _, outcome = stage_train(cfg, dv.ref, log=lines.append)
-    assert "2 XGBoost worker(s), up to 120 rounds" in lines[0]
+    assert "2 XGBoost worker(s), up to 80 rounds" in lines[0]
     best = outcome.metrics["best_round"]
     assert f"best checkpoint: round {best}" in lines[-1]
     assert outcome.test_metrics["test_roc_auc"] > 0.97

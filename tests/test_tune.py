@@ -26,6 +26,17 @@ def bc(tmp_path_factory):
     return preprocessed(tmp_path_factory.mktemp("tune") / "store")
 
 
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """The synthetic data (6,000 rows in 4 shards) preprocessed once for the module: (storage
+    folder, raw folder, dataset version)."""
+    folder = tmp_path_factory.mktemp("synth")
+    write_shards(folder / "raw", synth_table(6_000, 0, 0), 4)
+    data = {"name": "sweep", "source": str(folder / "raw")}
+    cfg = make_config(folder / "store", data=data)
+    return folder / "store", folder / "raw", preprocess(cfg, Storage.from_config(cfg), log=quiet)
+
+
 def test_a_failed_trial_is_reported_and_the_sweep_goes_on_with_ddp_trials(bc):
     root, dv = bc
     cfg = make_config(
@@ -120,14 +131,14 @@ def test_asha_stops_a_bad_trial_early(bc):
     assert outcome.params["train.lr"] >= 1e-2
 
 
-def test_a_sweep_over_both_families_registers_the_better_on_validation(tmp_path):
+def test_a_sweep_over_both_families_registers_the_better_on_validation(synth):
     """An MLP and gradient-boosted trees in one ASHA sweep on the synthetic data: the trees
     report their rounds in tune.epochs slices (ASHA's rungs), and whichever trial of either
     family is best on validation is registered, with its family and its trial's config."""
-    write_shards(tmp_path / "raw", synth_table(4_000, 0, 0), 2)
+    store, raw, dv = synth
     cfg = make_config(
-        tmp_path / "store",
-        data={"name": "fam", "source": str(tmp_path / "raw")},
+        store,
+        data={"name": "sweep", "source": str(raw)},
         model={"depth": 1, "width": 16, "gbdt": {"rounds": 60, "early_stopping_rounds": 0}},
         train={"workers": 1, "batch_size": 128},
         tune={
@@ -140,7 +151,6 @@ def test_a_sweep_over_both_families_registers_the_better_on_validation(tmp_path)
             "max_concurrent_trials": 2,
         },
     )
-    dv = preprocess(cfg, Storage.from_config(cfg), log=quiet)
     _, outcome = stage_tune(cfg, dv.ref, "fam1", quiet)
     by_family = {t["model.family"]: t for t in outcome.trials}
     assert set(by_family) == {"mlp", "gbdt"}
@@ -199,14 +209,14 @@ def epochs_of(trial: Path) -> list[int]:
     return sorted(json.loads(m.read_text())["epoch"] for m in trial.glob("checkpoint_*/meta.json"))
 
 
-def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
+def test_a_sweep_whose_driver_is_killed_resumes(tmp_path, synth):
     """`dcml tune` (a real CLI process joined to this Ray) is SIGKILLed while a trial after the
     first runs; `--resume` keeps the finished trials and finishes the rest."""
-    write_shards(tmp_path / "raw", synth_table(6_000, 0, 0), 4)
+    store, folder, _ = synth
     epochs = 6
     raw = {
-        "storage": {"root": str(tmp_path / "store")},
-        "data": {"name": "sweep", "source": str(tmp_path / "raw")},
+        "storage": {"root": str(store)},
+        "data": {"name": "sweep", "source": str(folder)},
         "train": {"workers": 1, "batch_size": 8, "keep_checkpoints": epochs},
         "tune": {
             "space": {"model.depth": {"grid": [1, 2, 3]}},
@@ -216,10 +226,9 @@ def test_a_sweep_whose_driver_is_killed_resumes(tmp_path):
             "max_concurrent_trials": 1,
         },
     }
-    cfg = make_config(tmp_path / "store", **{k: v for k, v in raw.items() if k != "storage"})
-    preprocess(cfg, Storage.from_config(cfg), log=quiet)
+    cfg = make_config(store, **{k: v for k, v in raw.items() if k != "storage"})
     proc = start_dcml(tmp_path, raw, "tune", "--sweep-id", "s1", "--no-register")
-    sweep = tmp_path / "store" / "runs" / "s1"
+    sweep = store / "runs" / "s1"
 
     def interrupted_mid_run() -> bool:
         """One trial is done and another has checkpoints that Tune's saved state knows of."""
