@@ -23,17 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 # `make test` runs two pytest-xdist workers (-n 2). One runs the tests on its session's Ray, in file
 # order (one Ray, module fixtures set up once); beside it, the other usually runs the multi-node
-# cluster module (its own `ray start` nodes), the sweeps, the trees and the other tasks (on a
-# session Ray of its own) and the tests that need no Ray, so that both keep the two cores busy (the
-# modules in APART would otherwise lengthen the first worker's share, the longer one). A worker
-# takes the next module when it has two tests left, so where the last ones run varies.
-APART = {  # each kept whole
-    "tests/test_jobs.py",
-    "tests/test_tune.py",
-    "tests/test_crashes.py",
-    "tests/test_gbdt.py",
-    "tests/test_multiclass_regression.py",
-}
+# cluster module (its own `ray start` nodes), the sweeps (on a session Ray of its own) and the tests
+# that need no Ray, so that both keep the two cores busy. A worker takes the next module when it
+# has two tests left, so where the last ones run varies.
+APART = {"tests/test_jobs.py", "tests/test_tune.py", "tests/test_crashes.py"}  # each kept whole
 WITHOUT_RAY = {
     "tests/test_config.py",
     "tests/test_gbdt_loop.py",
