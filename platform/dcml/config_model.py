@@ -145,7 +145,7 @@ def family_fields(config: dict[str, Any]) -> dict[str, Any]:
     if model.get("family") == "gbdt" and isinstance(gbdt, dict):
         model = {"family": "gbdt", **gbdt}
         train = (config.get("train") or {}).items()
-        config["train"] = {k: v for k, v in train if k not in MLP_TRAIN_FIELDS}
+        config["train"] = {k: v for k, v in train if reads(f"train.{k}", "gbdt")}
     if "model" in config:
         config["model"] = model
     return config

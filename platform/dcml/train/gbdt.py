@@ -122,9 +122,8 @@ class _Rounds(Callback):
 
 class GbdtRun:
     def __init__(self, config: dict[str, Any], session):
+        """`config["cfg"]`: a validated PipelineConfig (gbdt_train_func makes it one)."""
         cfg = config["cfg"]
-        if not isinstance(cfg, PipelineConfig):
-            cfg = PipelineConfig.model_validate(cfg)
         self.cfg, self.session = cfg, session
         self.features: list[str] = config["features"]
         self.task: str = config.get("task", "binary")
